@@ -1,0 +1,116 @@
+"""Model converters (float8 training, QAT) with the hooks the trainer calls.
+
+A converter changes the model before parallelism (`convert`), may need its buffers initialised once the
+meta-device model is materialised (`init_buffers`), runs once per step before forward (`pre_step`) and after
+`optimizer.step()` (`post_optimizer_hook`), and turns training modules into serving ones (`finalize`).
+The float8 and quant packages know nothing of the job config: this module translates the config into
+their narrow arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch.nn as nn
+
+from titan_fp8.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ModelConverter:
+    name = "base"
+
+    def convert(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def init_buffers(self, model: nn.Module) -> None:
+        pass
+
+    def pre_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def post_optimizer_hook(self, model: nn.Module) -> None:
+        pass
+
+    def finalize(self, model: nn.Module) -> None:
+        pass
+
+
+def fqn_filter(filter_fqns: list[str]):
+    """module_filter_fn keeping Linears whose name contains none of `filter_fqns` and whose dims fit fp8 GEMMs."""
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if any(f and f in fqn for f in filter_fqns):
+            return False
+        if isinstance(module, nn.Linear):
+            return module.in_features % 16 == 0 and module.out_features % 16 == 0
+        return True
+
+    return keep
+
+
+class Float8Converter(ModelConverter):
+    name = "float8"
+
+    def __init__(self, *, recipe_name: str, filter_fqns: list[str], enable_fsdp_float8_all_gather: bool,
+                 precompute_scale: bool, amax_history_len: int, margin: int, amax_compute_algo: str,
+                 emulate: bool, process_group=None):
+        import dataclasses
+
+        from titan_fp8.float8 import Float8LinearConfig
+
+        base = Float8LinearConfig.from_recipe_name(recipe_name)
+        overrides = dict(emulate=emulate, enable_fsdp_float8_all_gather=enable_fsdp_float8_all_gather)
+        if recipe_name == "delayed":
+            overrides.update(amax_history_len=amax_history_len, margin=margin, amax_compute_algo=amax_compute_algo)
+        self.config = dataclasses.replace(base, **overrides)
+        self.recipe_name = recipe_name
+        self.filter_fqns = list(filter_fqns)
+        self.precompute_scale = precompute_scale and enable_fsdp_float8_all_gather
+        self.process_group = process_group
+
+    def convert(self, model: nn.Module) -> None:
+        from titan_fp8.float8 import Float8Linear, convert_to_float8_training
+
+        convert_to_float8_training(model, config=self.config, module_filter_fn=fqn_filter(self.filter_fqns))
+        n = sum(isinstance(m, Float8Linear) for m in model.modules())
+        if n == 0:
+            raise ValueError(f"float8.filter_fqns={self.filter_fqns}: no Linear was converted to float8")
+        logger.info("float8: %d Linears converted, recipe %s", n, self.recipe_name)
+
+    def init_buffers(self, model: nn.Module) -> None:
+        from titan_fp8.float8 import Float8Linear
+
+        for m in model.modules():
+            if isinstance(m, Float8Linear):
+                m.reset_float8_buffers()
+
+    def post_optimizer_hook(self, model: nn.Module) -> None:
+        from titan_fp8.float8 import precompute_float8_dynamic_scale_for_fsdp, sync_float8_amax_and_scale_history
+
+        if self.recipe_name == "delayed":
+            sync_float8_amax_and_scale_history(model, process_group=self.process_group)
+        if self.precompute_scale:
+            precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+def build_converters(config: JobConfig, process_group=None) -> list[ModelConverter]:
+    converters: list[ModelConverter] = []
+    if config.qat_enabled:
+        from titan_fp8.quant.converter import build_qat_converter
+
+        if config.float8_enabled:
+            raise ValueError("qat.enable: QAT and float8 training cannot be combined; enable one of them")
+        converters.append(build_qat_converter(scheme=config.qat.scheme, group_size=config.qat.group_size,
+                                              start_step=config.qat.start_step, filter_fqns=config.qat.filter_fqns))
+    if config.float8_enabled:
+        f8 = config.float8
+        converters.append(Float8Converter(
+            recipe_name=f8.recipe_name, filter_fqns=f8.filter_fqns,
+            enable_fsdp_float8_all_gather=f8.enable_fsdp_float8_all_gather,
+            precompute_scale=f8.precompute_float8_dynamic_scale_for_fsdp, amax_history_len=f8.amax_history_len,
+            margin=f8.margin, amax_compute_algo=f8.amax_compute_algo, emulate=f8.emulate,
+            process_group=process_group))
+    return converters

@@ -1,0 +1,370 @@
+"""The training loop: build everything from a JobConfig, then train, validate, log and checkpoint.
+
+Read top to bottom: `Trainer.__init__` builds the pieces in the order they depend on each other
+(device -> process group -> tokenizer -> model on meta -> converters -> AC/compile/FSDP -> materialise ->
+optimizer -> data -> checkpoints), `Trainer.train` is the loop, `train_step` one optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import math
+import os
+import signal
+import time
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from titan_fp8.checkpoint import (CheckpointManager, ModelState, OptimizerState, PerRankState, RNGState)
+from titan_fp8.config import ConfigError, JobConfig
+from titan_fp8.converters import build_converters
+from titan_fp8.data import build_dataloader, build_tokenizer
+from titan_fp8.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
+from titan_fp8.models import Transformer, llama3_flavors
+from titan_fp8.optim import build_lr_scheduler, build_optimizer
+from titan_fp8.parallel import (ParallelDims, build_mesh, dist_max, dist_mean, init_distributed,
+                                parallelize_llama)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient under `training.nonfinite_policy = "error"`."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Loop counters that go into checkpoints."""
+
+    step: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32 over (B, T) positions."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device: cuda requested but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, config: JobConfig):
+        self.config = config
+        t, job = config.training, config.job
+
+        # -- device, processes, determinism ------------------------------------------------------------
+        self.device = pick_device(t.device)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        self.rank, world_size = init_distributed(self.device.type)
+        p = config.parallelism
+        if p.tensor_parallel_degree != 1:
+            raise NotImplementedError("parallelism.tensor_parallel_degree > 1: tensor parallelism is not "
+                                      "implemented; use data-parallel (FSDP) degrees")
+        self.dims = ParallelDims.resolve(p.data_parallel_shard_degree, p.data_parallel_replicate_degree,
+                                         world_size)
+        self.mesh = build_mesh(self.dims, self.device.type)
+        self.dp_rank = self.rank  # data parallel spans all ranks (no tensor/pipeline parallelism)
+        self.grad_accum_steps = self._grad_accum_steps(t.local_batch_size, t.global_batch_size,
+                                                       self.dims.dp_degree)
+        self._check_dump_folder(job.dump_folder)
+        torch.manual_seed(t.seed)
+
+        # -- tokenizer and model (built on meta, materialised after parallelisation) --------------------
+        self.tokenizer = build_tokenizer(config.model.tokenizer_path,
+                                         vocab_size=config.model.tokenizer_vocab_size)
+        self.model_args = self._model_args(config)
+        with torch.device("meta"):
+            model = Transformer(self.model_args)
+        self.converters = build_converters(config, process_group=None)
+        for converter in self.converters:
+            converter.convert(model)
+
+        param_dtype = _DTYPES[t.mixed_precision_param]
+        ac = config.activation_checkpoint
+        self.model = parallelize_llama(
+            model, mesh=self.mesh, ac_mode=ac.mode, selective_ac_option=ac.selective_ac_option,
+            compile_model=config.compile.enable and "model" in config.compile.components,
+            param_dtype=param_dtype, reduce_dtype=_DTYPES[t.mixed_precision_reduce],
+            reshard_after_forward=p.fsdp_reshard_after_forward, cpu_offload=p.fsdp_cpu_offload)
+        self.model.to_empty(device="cpu" if p.fsdp_cpu_offload else self.device)
+        with torch.no_grad():
+            self.model.init_weights(buffer_device=self.device if p.fsdp_cpu_offload else None)
+        for converter in self.converters:
+            converter.init_buffers(self.model)
+        self.model.train()
+        # Without FSDP the fp32 master weights compute under autocast; FSDP casts parameters itself.
+        self.autocast_dtype = param_dtype if (self.mesh is None and param_dtype != torch.float32) else None
+        self.loss_fn = cross_entropy_loss
+        if config.compile.enable and "loss" in config.compile.components:
+            self.loss_fn = torch.compile(cross_entropy_loss, fullgraph=True)
+
+        # -- optimizer and schedule ---------------------------------------------------------------------
+        o, s = config.optimizer, config.lr_scheduler
+        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, eps=o.eps,
+                                         weight_decay=o.weight_decay, betas=tuple(o.betas),
+                                         implementation=o.implementation)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, warmup_steps=s.warmup_steps, total_steps=t.steps,
+                                               decay_type=s.decay_type, decay_ratio=s.decay_ratio,
+                                               min_lr_factor=s.min_lr_factor)
+
+        # -- data ---------------------------------------------------------------------------------------
+        self.dataloader = self._dataloader("train")
+        self.train_state = TrainState()
+
+        # -- checkpoints and metrics -------------------------------------------------------------------
+        c = config.checkpoint
+        self.checkpointer = CheckpointManager(
+            os.path.join(job.dump_folder, c.folder), interval=c.interval, keep_latest_k=c.keep_latest_k,
+            async_mode=c.async_mode, metadata={"model_args": dataclasses.asdict(self.model_args),
+                                               "world_size": world_size}) if c.enable else None
+        self.metrics = MetricsLogger(job.dump_folder, enable_tensorboard=config.metrics.enable_tensorboard,
+                                     rank=self.rank)
+        peak, self.peak_name = device_peak_flops(self.device)
+        flops_per_token = self.model_args.num_flops_per_token(t.seq_len)
+        self.throughput = ThroughputMeter(flops_per_token, peak)
+        self._stop_requested = False
+        self._log_startup(world_size)
+
+    # -- construction helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _grad_accum_steps(local_batch: int, global_batch: int, dp_degree: int) -> int:
+        if global_batch == -1:
+            return 1
+        per_step = local_batch * dp_degree
+        if global_batch % per_step != 0:
+            raise ConfigError(f"training.global_batch_size={global_batch} must be a multiple of "
+                              f"local_batch_size x data-parallel degree = {local_batch} x {dp_degree}")
+        return global_batch // per_step
+
+    def _model_args(self, config: JobConfig):
+        if config.model.flavor not in llama3_flavors:
+            raise ConfigError(f"model.flavor: expected one of {', '.join(llama3_flavors)}, "
+                              f"got {config.model.flavor!r}")
+        args = llama3_flavors[config.model.flavor]
+        # The vocabulary comes from the tokenizer, as in torchtitan; n_layers may shrink a flavor for tests.
+        vocab_size = config.model.vocab_size or self.tokenizer.vocab_size
+        if vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+                              f"({self.tokenizer.vocab_size})")
+        return dataclasses.replace(args, vocab_size=vocab_size,
+                                   n_layers=config.model.n_layers or args.n_layers,
+                                   max_seq_len=max(args.max_seq_len, config.training.seq_len))
+
+    def _check_dump_folder(self, folder: str) -> None:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write_probe_{self.rank}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"job.dump_folder: cannot write to {folder}: {e.strerror}") from None
+
+    def _dataloader(self, split: str):
+        t = self.config.training
+        return build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=self.tokenizer,
+                                seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=self.dp_rank,
+                                dp_world_size=self.dims.dp_degree, split=split, infinite=(split == "train"),
+                                seed=t.seed)
+
+    def _checkpoint_state(self) -> dict:
+        return {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
+                "lr_scheduler": self.lr_scheduler, "train_state": self.train_state,
+                "dataloader": PerRankState(self.dataloader, self.dp_rank, "dataloader"),
+                "rng": PerRankState(RNGState(), self.rank, "rng")}
+
+    def _log_startup(self, world_size: int) -> None:
+        if self.rank != 0:
+            return
+        n_params = sum(p.numel() for p in self.model.parameters())
+        t = self.config.training
+        logger.info("job: %s", self.config.job.description or "(no description)")
+        logger.info("model %s %s: %d layers, dim %d, vocab %d, %.2fM parameters", self.config.model.name,
+                    self.config.model.flavor, self.model_args.n_layers, self.model_args.dim,
+                    self.model_args.vocab_size, n_params / 1e6)
+        logger.info("device %s, world size %d, dp %d (shard %d x replicate %d), grad accumulation %d, "
+                    "autocast %s", self.device, world_size, self.dims.dp_degree, self.dims.dp_shard,
+                    self.dims.dp_replicate, self.grad_accum_steps, self.autocast_dtype)
+        logger.info("batch: %d x %d tokens per rank per micro-batch; converters: %s; MFU peak: %s",
+                    t.local_batch_size, t.seq_len, [c.name for c in self.converters] or "none", self.peak_name)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        t = self.config.training
+        if self.checkpointer is not None:
+            load_step = self.config.checkpoint.load_step
+            resumed = self.checkpointer.load(self._checkpoint_state(), None if load_step < 0 else load_step)
+            if resumed is not None:
+                logger.info("resuming at step %d", self.train_state.step)
+        self._install_signal_handlers()
+        gc.disable()
+        gc.collect()
+        data_iter = iter(self.dataloader)
+        self.throughput.reset()
+        try:
+            while self.train_state.step < t.steps:
+                self.train_state.step += 1
+                step = self.train_state.step
+                if step % t.gc_freq == 0:
+                    gc.collect(1)
+                for converter in self.converters:
+                    converter.pre_step(self.model, step)
+                with self._maybe_profile(step):
+                    loss, grad_norm = self.train_step(data_iter)
+                if step % self.config.metrics.log_freq == 0 or step == t.steps:
+                    self._log_step(step, loss, grad_norm)
+                if self.config.validation.enable and (step % self.config.validation.freq == 0 or step == t.steps):
+                    self.validate(step)
+                stop = self._preemption_requested()
+                if self.checkpointer is not None and (self.checkpointer.should_save(step, t.steps) or stop):
+                    self.checkpointer.save(step, self._checkpoint_state())
+                if stop:
+                    logger.warning("stop signal received: checkpointed step %d, exiting", step)
+                    break
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+                if self.config.checkpoint.last_save_model_only and self.train_state.step == t.steps:
+                    self.checkpointer.save_model_only(self.train_state.step, self.model,
+                                                      _DTYPES[self.config.checkpoint.export_dtype])
+        finally:
+            gc.enable()
+            self.metrics.close()
+
+    def train_step(self, data_iter: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum_steps):
+            data_start = time.perf_counter()
+            input_ids, labels = next(data_iter)
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            self.throughput.add(labels.numel(), time.perf_counter() - data_start)
+            with self._autocast():
+                logits = self.model(input_ids)  # (B, T, vocab)
+                loss = self.loss_fn(logits, labels) / self.grad_accum_steps
+            loss.backward()
+            total_loss += loss.detach()
+
+        grad_norm = self._clip_grad_norm()
+        if not (torch.isfinite(total_loss) and torch.isfinite(grad_norm)):
+            self._handle_nonfinite(total_loss, grad_norm)
+            return total_loss, grad_norm
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        for converter in self.converters:
+            converter.post_optimizer_hook(self.model)
+        return total_loss, grad_norm
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.training.max_norm or float("inf")  # inf: measure the norm, scale by 1
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP
+            norm = norm.full_tensor()
+        return norm
+
+    def _handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        step = self.train_state.step
+        if self.config.training.nonfinite_policy == "skip_step":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.train_state.skipped_steps += 1
+            logger.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d so far)", step,
+                           float(loss), float(grad_norm), self.train_state.skipped_steps)
+            return
+        culprit = next((name for name, p in self.model.named_parameters()
+                        if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        what = f"non-finite gradient in {culprit}" if culprit else f"non-finite loss {float(loss)}"
+        raise NonFiniteError(f"step {step}: {what} (set training.nonfinite_policy = \"skip_step\" to skip such steps)")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- validation, logging, profiling, preemption ------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, step: int) -> float:
+        self.model.eval()
+        losses = []
+        max_batches = self.config.validation.steps
+        for i, (input_ids, labels) in enumerate(self._dataloader("validation")):
+            if max_batches != -1 and i >= max_batches:
+                break
+            with self._autocast():
+                logits = self.model(input_ids.to(self.device))
+                losses.append(cross_entropy_loss(logits, labels.to(self.device)))
+        self.model.train()
+        if not losses:
+            logger.warning("validation split is empty: no validation loss")
+            return float("nan")
+        val_loss = float(dist_mean(torch.stack(losses).mean(), self.mesh))
+        self.metrics.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+    def _log_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        values = {"loss": float(dist_mean(loss, self.mesh)), "grad_norm": float(grad_norm),
+                  "lr": self.lr_scheduler.get_last_lr()[0]}
+        values.update(self.throughput.read())
+        mem = memory_stats(self.device)
+        values.update({k: dist_max(v, self.device, self.mesh) for k, v in mem.items()})
+        values["skipped_steps"] = self.train_state.skipped_steps
+        self.metrics.log(step, values)
+        self.throughput.reset()
+
+    def _maybe_profile(self, step: int):
+        prof = self.config.profiling
+        if not prof.enable_profiling or step % prof.profile_freq != 0:
+            return contextlib.nullcontext()
+        return _trace_step(os.path.join(self.config.job.dump_folder, prof.save_traces_folder,
+                                        f"iteration_{step}"), self.rank, self.device)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            logger.warning("received %s: will checkpoint and exit after this step", signal.Signals(signum).name)
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _preemption_requested(self) -> bool:
+        # Every rank must agree, or some would enter the checkpoint collective alone.
+        return bool(dist_max(float(self._stop_requested), self.device, self.mesh))
+
+
+@contextlib.contextmanager
+def _trace_step(folder: str, rank: int, device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as p:
+        yield
+    os.makedirs(folder, exist_ok=True)
+    p.export_chrome_trace(os.path.join(folder, f"rank{rank}_trace.json"))
+    logger.info("profiler trace written to %s", folder)
