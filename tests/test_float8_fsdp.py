@@ -1,0 +1,139 @@
+"""The fp8 all-gather weight wrapper on one process: transparent to training, optimizer and
+state_dict; its FSDP2 hooks produce fp8 bytes and rebuild the weight. (Two-rank FSDP2 runs are in
+test_float8_distributed.py.)"""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from titan_fp8.float8 import (
+    Float8Linear,
+    Float8LinearConfig,
+    Float8TrainingTensor,
+    WeightWithFloat8AllGather,
+    convert_to_float8_training,
+    precompute_float8_dynamic_scale_for_fsdp,
+)
+from titan_fp8.float8.scaling import saturated_cast
+
+FSDP_TENSORWISE = dataclasses.replace(Float8LinearConfig.from_recipe_name("tensorwise"), enable_fsdp_float8_all_gather=True)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+
+def test_wrapper_is_transparent_without_fsdp():
+    torch.manual_seed(0)
+    base = mlp()
+    plain = convert_to_float8_training(mlp(), config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    plain.load_state_dict(base.state_dict())
+    wrapped = convert_to_float8_training(base, config=FSDP_TENSORWISE)
+    assert isinstance(wrapped[0].weight, nn.Parameter) and isinstance(wrapped[0].weight, WeightWithFloat8AllGather)
+
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, wrapped)]
+    for _ in range(3):
+        x = torch.randn(8, 32)
+        for m, opt in zip((plain, wrapped), opts):
+            m(x).pow(2).mean().backward()
+            nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+    # The optimizer's state and the checkpoint hold plain tensors.
+    assert all(type(s["exp_avg"]) is torch.Tensor for s in opts[1].state.values())
+    sd = wrapped.state_dict()
+    assert all(type(v) is torch.Tensor for v in sd.values())
+    # Loading writes through to the wrapped weight.
+    new_sd = {k: torch.zeros_like(v) for k, v in sd.items()}
+    wrapped.load_state_dict(new_sd)
+    assert isinstance(wrapped[0].weight, WeightWithFloat8AllGather) and wrapped[0].weight._tensor.abs().sum() == 0
+
+
+def test_wrapper_survives_meta_init_and_to_empty():
+    with torch.device("meta"):
+        model = convert_to_float8_training(mlp(), config=FSDP_TENSORWISE)
+    model.to_empty(device="cpu")
+    assert isinstance(model[0].weight, WeightWithFloat8AllGather) and not model[0].weight.is_meta
+
+
+class FakeMesh:
+    def __init__(self, size):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+    def get_group(self):
+        raise AssertionError("no collective expected: the scale was precomputed")
+
+
+def test_pre_and_post_all_gather_produce_fp8_bytes_and_rebuild_the_weight():
+    torch.manual_seed(0)
+    layer = Float8Linear.from_float(nn.Linear(32, 48, bias=False), FSDP_TENSORWISE)
+    precompute_float8_dynamic_scale_for_fsdp(layer)  # single process: the scale of the whole weight
+    w = layer.weight
+    scale, param_ref, _ = w._precomputed
+    assert param_ref() is w
+    torch.testing.assert_close(scale, 448.0 / w._tensor.abs().max())
+
+    # Rank 0's shard of an uneven 3-way split: 16 rows, rank 2 gets fewer and must be padded.
+    shard = w[:16]
+    assert isinstance(shard, WeightWithFloat8AllGather)
+    shard._precomputed = w._precomputed
+    (data,), meta = shard.fsdp_pre_all_gather(FakeMesh(3), torch.Size([48, 32]), (32, 1), None, None)
+    assert data.dtype == torch.uint8 and data.shape == (16, 32)
+    last = w[32:40]  # a short last shard (8 of 16 rows)
+    last._precomputed = w._precomputed
+    (data_last,), _ = last.fsdp_pre_all_gather(FakeMesh(3), torch.Size([40, 32]), (32, 1), None, None)
+    assert data_last.shape == (14, 32) and (data_last[8:] == 0).all()
+
+    gathered = torch.cat([shard.fsdp_pre_all_gather(FakeMesh(3), torch.Size([48, 32]), (32, 1), None, None)[0][0]
+                          for shard in _shards(w, scale)])
+    weight, inner = w.fsdp_post_all_gather((gathered,), meta, torch.bfloat16)
+    assert isinstance(weight, Float8TrainingTensor) and weight.dtype == torch.bfloat16
+    assert weight._data.dtype == torch.float8_e4m3fn and inner[0].data_ptr() == weight._data.data_ptr()
+    expected = saturated_cast(w._tensor, scale, torch.float8_e4m3fn)
+    assert torch.equal(weight._data.view(torch.uint8), expected.view(torch.uint8))
+
+    # Re-gather into the same tensor: FSDP passes out=, only the scale is refreshed.
+    new_scale = scale * 2
+    w.fsdp_post_all_gather((gathered,), (new_scale,), torch.bfloat16, out=weight)
+    assert weight._scale == new_scale
+
+
+def _shards(w, scale):
+    for i in range(3):
+        s = w[16 * i: 16 * (i + 1)]
+        s._precomputed = w._precomputed
+        yield s
+
+
+def test_precomputed_scale_is_ignored_once_the_weight_changes():
+    layer = Float8Linear.from_float(nn.Linear(32, 48, bias=False), FSDP_TENSORWISE)
+    precompute_float8_dynamic_scale_for_fsdp(layer)
+    mesh = FakeMesh(1)
+    layer.weight.fsdp_pre_all_gather(mesh, torch.Size([48, 32]), (32, 1), None, None)  # fresh: no collective
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # e.g. an optimizer step without a following precompute
+    with pytest.raises(AssertionError, match="no collective expected"):
+        layer.weight.fsdp_pre_all_gather(mesh, torch.Size([48, 32]), (32, 1), None, None)
+
+
+def test_save_float8_for_backward_matches_high_precision_saving():
+    torch.manual_seed(0)
+    base = Float8LinearConfig.from_recipe_name("tensorwise")
+    lin = nn.Linear(32, 48)
+    a = Float8Linear.from_float(lin, base)
+    b = Float8Linear.from_float(nn.Linear(32, 48), dataclasses.replace(base, save_float8_for_backward=True))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 8, 32)
+    for m in (a, b):
+        xi = x.clone().requires_grad_()
+        m(xi).sum().backward()
+        m.xgrad = xi.grad
+    assert torch.equal(a.weight.grad, b.weight.grad) and torch.equal(a.xgrad, b.xgrad)

@@ -1,0 +1,234 @@
+"""FSDP2 fp8 all-gather for tensorwise/delayed Float8Linear weights.
+
+The weight Parameter wraps its high-precision tensor in WeightWithFloat8AllGather. To everything
+but FSDP2 (optimizer, grad clipping, state_dict, DCP) it behaves as that plain tensor: every op is
+run on the inner tensor and returns plain results, except the few layout/copy ops FSDP2 uses to
+shard it, which keep the wrapper. FSDP2 finds ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``
+on the sharded local tensor and all-gathers what they return instead of the bf16/fp32 shard:
+
+    pre:  cast the local shard to fp8 with a scale of the WHOLE weight (precomputed after the
+          optimizer step, the delayed-scaling scale, or an all-reduce(MAX) of shard amaxes), and
+          hand over the bytes as uint8 (gloo cannot carry float8 dtypes; NCCL does not mind)
+    post: view the gathered bytes as fp8 and wrap them as a Float8TrainingTensor: the unsharded
+          weight, which Float8Linear uses for both weight GEMMs without recasting.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_map_only
+
+from .casting import cast_to_float8
+from .config import Float8LinearConfig, Gemm, Operand, ScalingType
+from .delayed import amax_buffer_name, record_amax, scale_buffer_name
+from .scaled_mm import MMConfig
+from .scaling import amax_to_scale, tensor_amax
+from .tensor import Float8TrainingTensor
+
+aten = torch.ops.aten
+
+# Ops FSDP2 (sharding, padding, to_empty, .to) applies to the parameter whose result must stay a
+# wrapper; everything else (optimizer math, clipping, ...) gets plain tensors.
+_PRESERVE_WRAPPER_OPS = {
+    aten.empty_like.default,
+    aten.new_zeros.default,
+    aten.new_empty.default,
+    aten.slice.Tensor,
+    aten.narrow.default,
+    aten.copy_.default,
+    aten.view.default,
+    aten.as_strided.default,
+    aten._to_copy.default,
+    aten._pin_memory.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.clone.default,
+    aten.detach.default,
+    aten.alias.default,
+}
+
+
+class WeightWithFloat8AllGather(torch.Tensor):
+    _tensor: torch.Tensor
+    _config: Float8LinearConfig
+    _module_ref: Optional[weakref.ref]  # the owning Float8Linear (delayed-scaling buffers)
+    # (scale, weakref to the Parameter the optimizer updates, its _version when the scale was computed)
+    _precomputed: Optional[tuple[torch.Tensor, weakref.ref, int]]
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor, config: Float8LinearConfig, module_ref: Optional[weakref.ref] = None):
+        self = torch.Tensor._make_wrapper_subclass(
+            cls,
+            tensor.size(),
+            strides=tensor.stride(),
+            storage_offset=tensor.storage_offset(),
+            dtype=tensor.dtype,
+            layout=tensor.layout,
+            device=tensor.device,
+            requires_grad=tensor.requires_grad,
+        )
+        self._tensor = tensor
+        self._config = config
+        self._module_ref = module_ref
+        self._precomputed = None
+        return self
+
+    def __repr__(self) -> str:
+        return f"WeightWithFloat8AllGather({self._tensor!r})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        like: list[WeightWithFloat8AllGather] = []
+
+        def unwrap(t):
+            like.append(t)
+            return t._tensor
+
+        args, kwargs = tree_map_only(cls, unwrap, (args, kwargs))
+        out = func(*args, **kwargs)
+        if func not in _PRESERVE_WRAPPER_OPS:
+            return out
+        if func is aten.copy_.default:
+            return like[0] if like and like[0]._tensor is args[0] else out
+        meta = like[0]
+        return tree_map_only(torch.Tensor, lambda t: cls(t, meta._config, meta._module_ref), out)
+
+    def __tensor_flatten__(self):
+        return ["_tensor"], (self._config, self._module_ref)
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
+        config, module_ref = ctx
+        return WeightWithFloat8AllGather(inner_tensors["_tensor"], config, module_ref)
+
+    # ------------------------------------------------------------------ FSDP2 extension
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        cast_config = self._config.cast_config_weight
+        scale = self._unsharded_scale(mesh)
+        data = cast_to_float8(
+            self._tensor, cast_config, role=Operand.WEIGHT, gemm=Gemm.OUTPUT, scale=scale
+        )._data.view(torch.uint8)
+        # Uneven sharding: FSDP wants every rank's input at the padded (rank 0) shard size.
+        padded_rows = math.ceil(outer_size[0] / mesh.size()) if len(outer_size) else 0
+        if data.dim() and data.shape[0] < padded_rows:
+            data = torch.nn.functional.pad(data, (0, 0) * (data.dim() - 1) + (0, padded_rows - data.shape[0]))
+        return (data,), (scale,)
+
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[torch.Tensor, ...],
+        metadata: Any,
+        param_dtype: torch.dtype,
+        *,
+        out: Optional[torch.Tensor] = None,
+    ):
+        (data,) = all_gather_outputs
+        (scale,) = metadata
+        data = data.view(self._config.cast_config_weight.target_dtype)
+        if out is not None:
+            # FSDP re-gathered into the same storage our fp8 view aliases; only the scale is new.
+            if not isinstance(out, Float8TrainingTensor):
+                raise RuntimeError(f"fsdp_post_all_gather: expected a Float8TrainingTensor out, got {type(out)}")
+            out._scale.copy_(scale)
+            return
+        mm_config = MMConfig(self._config.emulate, self._config.gemm_config_output.use_fast_accum)
+        # Clone the scale: it may be a buffer or the precomputed scale, and out._scale is updated in place.
+        weight = Float8TrainingTensor(data, scale.clone(), param_dtype, Operand.WEIGHT, Gemm.OUTPUT, None, mm_config)
+        return weight, (data,)
+
+    def _unsharded_scale(self, mesh) -> torch.Tensor:
+        """The scale of the whole weight, identical on every rank."""
+        cast_config = self._config.cast_config_weight
+        module = self._module_ref() if self._module_ref is not None else None
+        if cast_config.scaling_type is ScalingType.DELAYED and module is not None:
+            # Record the shard's amax; the step's sync all-reduces it into the weight's amax.
+            record_amax(getattr(module, amax_buffer_name(Operand.WEIGHT)), tensor_amax(self._tensor))
+            if module.float8_amax_initialized:
+                return getattr(module, scale_buffer_name(Operand.WEIGHT))
+        if self._precomputed is not None:
+            scale, param_ref, version = self._precomputed
+            param = param_ref()
+            # In-place updates (optimizer.step) bump the Parameter's version: a stale scale is not used.
+            if param is not None and param._version == version:
+                return scale
+        # No valid precomputed scale (first step, or weights changed since): one all-reduce here.
+        amax = tensor_amax(self._tensor)
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        return amax_to_scale(
+            amax, cast_config.target_dtype, round_scales_to_power_of_2=self._config.round_scales_to_power_of_2
+        )
+
+
+def wrap_weight_for_fsdp_float8_all_gather(module: nn.Module) -> None:
+    """Replace ``module.weight`` by a Parameter wrapping it in WeightWithFloat8AllGather."""
+    weight = module.weight
+    if isinstance(weight, WeightWithFloat8AllGather):
+        return
+    wrapped = WeightWithFloat8AllGather(weight.detach(), module.config, weakref.ref(module))
+    module.weight = nn.Parameter(wrapped, requires_grad=weight.requires_grad)
+    module.register_state_dict_post_hook(_plain_weight_in_state_dict)
+
+
+def _plain_weight_in_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    # Checkpoints hold plain tensors (sharing storage, so in-place loads still reach the weight).
+    key = prefix + "weight"
+    state_dict[key] = _unwrap(state_dict[key])
+
+
+def _unwrap(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, WeightWithFloat8AllGather):
+        return t._tensor
+    local = getattr(t, "_local_tensor", None)
+    if isinstance(local, WeightWithFloat8AllGather):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local._tensor, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+        )
+    return t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return getattr(t, "_local_tensor", t)
+
+
+@torch.no_grad()
+def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module) -> None:
+    """After ``optimizer.step()``: compute the fp8 all-gather scale of every dynamically scaled
+    Float8Linear weight with ONE all-reduce(MAX), so the next all-gathers need no collective."""
+    from .linear import Float8Linear
+
+    weights = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, Float8Linear)
+        and isinstance(_local(m.weight), WeightWithFloat8AllGather)
+        and m.config.cast_config_weight.scaling_type is ScalingType.DYNAMIC
+    ]
+    if not weights:
+        return
+    locals_ = [_local(w) for w in weights]
+    amaxes = torch.stack(torch._foreach_norm([w._tensor for w in locals_], ord=math.inf)).to(torch.float32)
+    meshes = {id(w.device_mesh): w.device_mesh for w in weights if hasattr(w, "device_mesh")}
+    if len(meshes) > 1:
+        raise ValueError("precompute_float8_dynamic_scale_for_fsdp: weights are sharded over different meshes")
+    if meshes and dist.is_initialized():
+        dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=next(iter(meshes.values())).get_group())
+    for param, w, amax in zip(weights, locals_, amaxes):
+        scale = amax_to_scale(
+            amax,
+            w._config.cast_config_weight.target_dtype,
+            round_scales_to_power_of_2=w._config.round_scales_to_power_of_2,
+        )
+        w._precomputed = (scale, weakref.ref(param), param._version)

@@ -1,0 +1,62 @@
+"""Scale arithmetic: amax, amax -> scale, and the saturating fp8 cast of raw data.
+
+Convention: ``x_fp8 = saturate(x * scale)`` and ``x ~= x_fp8 / scale``; torch._scaled_mm wants the
+reciprocal (the dequantisation factor), computed at the GEMM call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Floor for amax: an all-zero tensor must give a finite scale.
+EPS = 1e-12
+
+
+def float8_max(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
+def tensor_amax(x: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
+    """max(|x|) over the whole tensor (axis=None, 0-d result) or along ``axis`` (keepdim).
+
+    Returned in fp32: a max is exact in the input dtype, and fp32 is what the scale arithmetic and
+    torch._scaled_mm need.
+    """
+    if axis is None and x.numel() == 0:  # e.g. an FSDP rank holding no rows of a small weight
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    amax = x.abs().amax() if axis is None else x.abs().amax(dim=axis, keepdim=True)
+    return amax.to(torch.float32)
+
+
+def amax_to_scale(
+    amax: torch.Tensor,
+    float8_dtype: torch.dtype,
+    *,
+    round_scales_to_power_of_2: bool = False,
+    margin: int = 0,
+) -> torch.Tensor:
+    """scale = fp8_max / clamp(amax, eps) / 2**margin, optionally rounded down to a power of 2.
+
+    Never 0 or inf for finite amax: the eps floor bounds it above, the tiny floor below.
+    """
+    amax = amax.to(torch.float32)
+    scale = float8_max(float8_dtype) / torch.clamp(amax, min=EPS)
+    if margin:
+        scale = scale / (2.0**margin)
+    if round_scales_to_power_of_2:
+        # Rounding down keeps |x * scale| <= fp8_max; a power of 2 makes the scaling itself exact.
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    return torch.clamp(scale, min=torch.finfo(torch.float32).tiny)
+
+
+def saturated_cast(x: torch.Tensor, scale: torch.Tensor, float8_dtype: torch.dtype) -> torch.Tensor:
+    """Raw fp8 data of ``x * scale``, clamped to +-fp8_max before the conversion.
+
+    The explicit clamp matters: backends disagree on overflow (CPU e4m3fn saturates, e5m2 -> inf).
+    """
+    fmax = float8_max(float8_dtype)
+    scaled = x.to(torch.float32) * scale
+    return scaled.clamp(min=-fmax, max=fmax).to(float8_dtype)
+
