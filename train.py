@@ -28,8 +28,9 @@ def main(argv: list[str]) -> int:
 
     try:
         Trainer(config).train()
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        # Bad input found while building (data files, tokenizer, checkpoints, degrees): one line, exit 2.
+    except (ValueError, FileNotFoundError, CheckpointError, NotImplementedError) as e:
+        # Bad input found while building (data files, tokenizer, checkpoints, degrees, features not built
+        # yet): one line, exit 2.
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
