@@ -96,7 +96,11 @@ class Float8Converter(ModelConverter):
             precompute_float8_dynamic_scale_for_fsdp(model)
 
 
-def build_converters(config: JobConfig, process_group=None) -> list[ModelConverter]:
+def build_converters(config: JobConfig, process_group=None, fsdp_enabled: bool = False,
+                     hsdp: bool = False) -> list[ModelConverter]:
+    """Converters named by the config. `process_group`: the data-parallel group delayed-scaling amaxes are
+    synchronised over; `fsdp_enabled`: whether FSDP shards the model (the fp8 all-gather needs it); `hsdp`:
+    whether the mesh is 2-D (replicate x shard)."""
     converters: list[ModelConverter] = []
     if config.qat_enabled:
         from titan_fp8.quant.converter import build_qat_converter
@@ -107,10 +111,20 @@ def build_converters(config: JobConfig, process_group=None) -> list[ModelConvert
                                               start_step=config.qat.start_step, filter_fqns=config.qat.filter_fqns))
     if config.float8_enabled:
         f8 = config.float8
+        all_gather = f8.enable_fsdp_float8_all_gather and fsdp_enabled
+        if f8.enable_fsdp_float8_all_gather and not fsdp_enabled:
+            logger.info("float8.enable_fsdp_float8_all_gather: one rank, no FSDP all-gather to run in fp8")
+        precompute = f8.precompute_float8_dynamic_scale_for_fsdp
+        if precompute and all_gather and hsdp and f8.recipe_name == "tensorwise":
+            # titan_fp8.float8's precompute all-reduces over the parameters' mesh, which must be 1-D; without
+            # it each fp8 all-gather all-reduces its weight's amax over the shard group itself (same numerics).
+            logger.warning("float8.precompute_float8_dynamic_scale_for_fsdp is not supported with HSDP yet: "
+                           "weight scales are computed at each fp8 all-gather instead")
+            precompute = False
         converters.append(Float8Converter(
             recipe_name=f8.recipe_name, filter_fqns=f8.filter_fqns,
-            enable_fsdp_float8_all_gather=f8.enable_fsdp_float8_all_gather,
-            precompute_scale=f8.precompute_float8_dynamic_scale_for_fsdp, amax_history_len=f8.amax_history_len,
+            enable_fsdp_float8_all_gather=all_gather,
+            precompute_scale=precompute, amax_history_len=f8.amax_history_len,
             margin=f8.margin, amax_compute_algo=f8.amax_compute_algo, emulate=f8.emulate,
             process_group=process_group))
     return converters

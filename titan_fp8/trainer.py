@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import os
@@ -21,14 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titan_fp8.checkpoint import (CheckpointManager, ModelState, OptimizerState, PerRankState, RNGState)
+from titan_fp8.checkpoint import (CheckpointManager, ModelState, OptimizerState, PerRankState, RNGState,
+                                  config_hash)
 from titan_fp8.config import ConfigError, JobConfig
 from titan_fp8.converters import build_converters
 from titan_fp8.data import build_dataloader, build_tokenizer
 from titan_fp8.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
 from titan_fp8.models import Transformer, llama3_flavors
 from titan_fp8.optim import build_lr_scheduler, build_optimizer
-from titan_fp8.parallel import (ParallelDims, build_mesh, dist_max, dist_mean, init_distributed,
+from titan_fp8.parallel import (ParallelDims, RowStreamLoader, build_mesh, dist_all, dist_max, dist_mean,
+                                dp_process_group, init_distributed, init_weights_like_unsharded,
                                 parallelize_llama)
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,16 @@ class TrainState:
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in fp32 over (B, T) positions."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+
+
+def _device_memory_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of the device (host RAM for CPU), or None when unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
 
 
 def pick_device(choice: str) -> torch.device:
@@ -98,7 +111,9 @@ class Trainer:
         self.model_args = self._model_args(config)
         with torch.device("meta"):
             model = Transformer(self.model_args)
-        self.converters = build_converters(config, process_group=None)
+        # Delayed-scaling amaxes are synchronised over every data-parallel rank.
+        self.converters = build_converters(config, process_group=dp_process_group(self.mesh),
+                                           fsdp_enabled=self.mesh is not None, hsdp=self.dims.hsdp)
         for converter in self.converters:
             converter.convert(model)
 
@@ -110,8 +125,9 @@ class Trainer:
             param_dtype=param_dtype, reduce_dtype=_DTYPES[t.mixed_precision_reduce],
             reshard_after_forward=p.fsdp_reshard_after_forward, cpu_offload=p.fsdp_cpu_offload)
         self.model.to_empty(device="cpu" if p.fsdp_cpu_offload else self.device)
-        with torch.no_grad():
-            self.model.init_weights(buffer_device=self.device if p.fsdp_cpu_offload else None)
+        # Every rank gets its shard of the very weights a 1-rank run initialises from this seed.
+        init_weights_like_unsharded(
+            self.model, lambda: self.model.init_weights(buffer_device=self.device if p.fsdp_cpu_offload else None))
         for converter in self.converters:
             converter.init_buffers(self.model)
         self.model.train()
@@ -139,7 +155,8 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             os.path.join(job.dump_folder, c.folder), interval=c.interval, keep_latest_k=c.keep_latest_k,
             async_mode=c.async_mode, metadata={"model_args": dataclasses.asdict(self.model_args),
-                                               "world_size": world_size}) if c.enable else None
+                                               "config_hash": config_hash(config.to_dict()),
+                                               "global_batch_size": self.global_batch_size}) if c.enable else None
         self.metrics = MetricsLogger(job.dump_folder, enable_tensorboard=config.metrics.enable_tensorboard,
                                      rank=self.rank)
         peak, self.peak_name = device_peak_flops(self.device)
@@ -170,6 +187,16 @@ class Trainer:
         if vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
                               f"({self.tokenizer.vocab_size})")
+        # An absurd seq_len or batch would die late, OOM-killed while building the RoPE table or the first
+        # logits: refuse it now when one micro-batch's fp32 logits alone exceed the device's memory.
+        t = config.training
+        logits_bytes = t.local_batch_size * t.seq_len * vocab_size * 4
+        total = _device_memory_bytes(self.device)
+        if total and logits_bytes > total:
+            raise ConfigError(f"training.seq_len={t.seq_len} with local_batch_size={t.local_batch_size}: one "
+                              f"micro-batch's fp32 logits (x vocab {vocab_size}) alone need "
+                              f"{logits_bytes / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of "
+                              f"{self.device.type} memory")
         return dataclasses.replace(args, vocab_size=vocab_size,
                                    n_layers=config.model.n_layers or args.n_layers,
                                    max_seq_len=max(args.max_seq_len, config.training.seq_len))
@@ -184,18 +211,61 @@ class Trainer:
         except OSError as e:
             raise ConfigError(f"job.dump_folder: cannot write to {folder}: {e.strerror}") from None
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.config.training.local_batch_size * self.dims.dp_degree * self.grad_accum_steps
+
     def _dataloader(self, split: str):
         t = self.config.training
+        if split == "train":
+            # One token stream per row of the global batch, this rank reading its rows: the same data for
+            # any number of ranks, so N-rank runs match 1-rank runs and checkpoints reshard (parallel.py).
+            return RowStreamLoader(
+                lambda row, rows: build_dataloader(
+                    dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=self.tokenizer, seq_len=t.seq_len,
+                    local_batch_size=1, dp_rank=row, dp_world_size=rows, split="train", infinite=True,
+                    seed=t.seed),
+                global_batch=self.global_batch_size, local_batch=t.local_batch_size, dp_rank=self.dp_rank,
+                dp_degree=self.dims.dp_degree)
         return build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=self.tokenizer,
                                 seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=self.dp_rank,
                                 dp_world_size=self.dims.dp_degree, split=split, infinite=(split == "train"),
                                 seed=t.seed)
 
-    def _checkpoint_state(self) -> dict:
-        return {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
-                "lr_scheduler": self.lr_scheduler, "train_state": self.train_state,
-                "dataloader": PerRankState(self.dataloader, self.dp_rank, "dataloader"),
-                "rng": PerRankState(RNGState(), self.rank, "rng")}
+    def _checkpoint_state(self, saved_world_size: Optional[int] = None) -> dict:
+        # The data loader keeps its state per global-batch row, so it reshards; the RNG state is per rank
+        # and is only restored at the world size it was saved with (training itself draws no random numbers).
+        state = {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
+                 "lr_scheduler": self.lr_scheduler, "train_state": self.train_state,
+                 "dataloader": self.dataloader, "rng": PerRankState(RNGState(), self.rank, "rng")}
+        if saved_world_size not in (None, self.dims.world_size):
+            del state["rng"]
+        return state
+
+    def _resume_manifest(self) -> dict:
+        """Manifest of the checkpoint a resume would load (newest, or checkpoint.load_step), or {}."""
+        load_step = self.config.checkpoint.load_step
+        steps = self.checkpointer.complete_steps()
+        step = load_step if load_step >= 0 else (steps[-1] if steps else None)
+        try:
+            with open(os.path.join(self.checkpointer.step_dir(step), "manifest.json")) as f:
+                return json.load(f)
+        except (TypeError, OSError, ValueError):
+            return {}
+
+    def _load_checkpoint(self) -> Optional[int]:
+        manifest = self._resume_manifest()
+        saved_batch, saved_world = manifest.get("global_batch_size"), manifest.get("world_size")
+        if saved_batch is not None and saved_batch != self.global_batch_size:
+            raise ConfigError(f"training.global_batch_size: the checkpoint of step {manifest.get('step')} was "
+                              f"saved with a global batch of {saved_batch} sequences, this run has "
+                              f"{self.global_batch_size}; the data is split per global-batch row, so resume with "
+                              f"the same global batch (any number of ranks that divides it)")
+        if saved_world is not None and saved_world != self.dims.world_size:
+            logger.info("resharding a checkpoint saved on %d ranks to %d ranks", saved_world, self.dims.world_size)
+        load_step = self.config.checkpoint.load_step
+        return self.checkpointer.load(self._checkpoint_state(saved_world),
+                                      None if load_step < 0 else load_step)
 
     def _log_startup(self, world_size: int) -> None:
         if self.rank != 0:
@@ -217,15 +287,14 @@ class Trainer:
     def train(self) -> None:
         t = self.config.training
         if self.checkpointer is not None:
-            load_step = self.config.checkpoint.load_step
-            resumed = self.checkpointer.load(self._checkpoint_state(), None if load_step < 0 else load_step)
+            resumed = self._load_checkpoint()
             if resumed is not None:
                 logger.info("resuming at step %d", self.train_state.step)
-        self._install_signal_handlers()
         gc.disable()
         gc.collect()
         data_iter = iter(self.dataloader)
         self.throughput.reset()
+        previous_handlers = self._install_signal_handlers()
         try:
             while self.train_state.step < t.steps:
                 self.train_state.step += 1
@@ -243,17 +312,22 @@ class Trainer:
                 stop = self._preemption_requested()
                 if self.checkpointer is not None and (self.checkpointer.should_save(step, t.steps) or stop):
                     self.checkpointer.save(step, self._checkpoint_state())
+                elif self.checkpointer is not None:
+                    self.checkpointer.maybe_finalize()  # seal a finished async save early
                 if stop:
-                    logger.warning("stop signal received: checkpointed step %d, exiting", step)
+                    logger.warning("stop signal received: %s step %d, exiting",
+                                   "checkpointed" if self.checkpointer is not None else "no checkpoint for", step)
                     break
             if self.checkpointer is not None:
-                self.checkpointer.wait()
+                self.checkpointer.close()
                 if self.config.checkpoint.last_save_model_only and self.train_state.step == t.steps:
                     self.checkpointer.save_model_only(self.train_state.step, self.model,
                                                       _DTYPES[self.config.checkpoint.export_dtype])
         finally:
             gc.enable()
             self.metrics.close()
+            for sig, handler in previous_handlers.items():  # the process may live on (tests, notebooks)
+                signal.signal(sig, handler)
 
     def train_step(self, data_iter: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm)."""
@@ -271,36 +345,49 @@ class Trainer:
             loss.backward()
             total_loss += loss.detach()
 
-        grad_norm = self._clip_grad_norm()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = self._grad_norm([p.grad for p in params])
         if not (torch.isfinite(total_loss) and torch.isfinite(grad_norm)):
+            # Checked before clipping: a nan norm would spread nan into every gradient.
             self._handle_nonfinite(total_loss, grad_norm)
             return total_loss, grad_norm
+        self._clip_grads(params, grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         for converter in self.converters:
             converter.post_optimizer_hook(self.model)
         return total_loss, grad_norm
 
-    def _clip_grad_norm(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.config.training.max_norm or float("inf")  # inf: measure the norm, scale by 1
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    @staticmethod
+    def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP
             norm = norm.full_tensor()
         return norm
+
+    def _clip_grads(self, params: list[nn.Parameter], grad_norm: torch.Tensor) -> None:
+        """Same arithmetic as clip_grad_norm_, split so that the norm is checked before it scales anything."""
+        max_norm = self.config.training.max_norm or float("inf")  # inf: measure the norm, scale by 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
 
     def _handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         step = self.train_state.step
         if self.config.training.nonfinite_policy == "skip_step":
             self.optimizer.zero_grad(set_to_none=True)
             self.train_state.skipped_steps += 1
+            for converter in self.converters:  # delayed float8: drop this step's non-finite amaxes now
+                converter.post_optimizer_hook(self.model)
             logger.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d so far)", step,
                            float(loss), float(grad_norm), self.train_state.skipped_steps)
             return
-        culprit = next((name for name, p in self.model.named_parameters()
-                        if p.grad is not None and not torch.isfinite(p.grad).all()), None)
-        what = f"non-finite gradient in {culprit}" if culprit else f"non-finite loss {float(loss)}"
-        raise NonFiniteError(f"step {step}: {what} (set training.nonfinite_policy = \"skip_step\" to skip such steps)")
+        # Local shards only (no collectives): ranks may stop at different parameters.
+        culprit = next((name for name, p in self.model.named_parameters() if p.grad is not None
+                        and not torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all()),
+                       None)
+        what = f"non-finite loss {float(loss)}" if not torch.isfinite(loss) else f"grad norm {float(grad_norm)}"
+        where = f"first non-finite gradient in {culprit}" if culprit else "all gradients finite on this rank"
+        raise NonFiniteError(f"step {step}: {what}, {where} (set training.nonfinite_policy = \"skip_step\" "
+                             "to skip such steps)")
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -314,9 +401,13 @@ class Trainer:
         self.model.eval()
         losses = []
         max_batches = self.config.validation.steps
-        for i, (input_ids, labels) in enumerate(self._dataloader("validation")):
-            if max_batches != -1 and i >= max_batches:
+        batches = iter(self._dataloader("validation"))
+        while max_batches == -1 or len(losses) < max_batches:
+            batch = next(batches, None)
+            # Under FSDP every forward is collective: stop when any rank's split runs out.
+            if not dist_all(batch is not None, self.device, self.mesh):
                 break
+            input_ids, labels = batch
             with self._autocast():
                 logits = self.model(input_ids.to(self.device))
                 losses.append(cross_entropy_loss(logits, labels.to(self.device)))
@@ -345,13 +436,17 @@ class Trainer:
         return _trace_step(os.path.join(self.config.job.dump_folder, prof.save_traces_folder,
                                         f"iteration_{step}"), self.rank, self.device)
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGUSR1 ask for a checkpoint after the current step and a clean exit; returns the
+        handlers they replace."""
         def request_stop(signum, frame):
             logger.warning("received %s: will checkpoint and exit after this step", signal.Signals(signum).name)
             self._stop_requested = True
 
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+            previous[sig] = signal.signal(sig, request_stop)
+        return previous
 
     def _preemption_requested(self) -> bool:
         # Every rank must agree, or some would enter the checkpoint collective alone.
