@@ -115,7 +115,9 @@ class WeightWithFloat8AllGather(torch.Tensor):
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         cast_config = self._config.cast_config_weight
-        scale = self._unsharded_scale(mesh)
+        # A fresh tensor each time: the scale may be a module buffer or the precomputed scale, and the
+        # unsharded weight keeps this one by reference (see fsdp_post_all_gather).
+        scale = self._unsharded_scale(mesh).clone()
         data = cast_to_float8(
             self._tensor, cast_config, role=Operand.WEIGHT, gemm=Gemm.OUTPUT, scale=scale
         )._data.view(torch.uint8)
@@ -136,15 +138,20 @@ class WeightWithFloat8AllGather(torch.Tensor):
         (data,) = all_gather_outputs
         (scale,) = metadata
         data = data.view(self._config.cast_config_weight.target_dtype)
+        if scale.is_cuda:
+            # The scale was made on FSDP's all-gather copy-in stream and is read on this one: without this,
+            # the caching allocator may hand its memory to the next pre-all-gather while our GEMMs still
+            # have to read it (seen as NaN losses on 2 H100s).
+            scale.record_stream(torch.cuda.current_stream())
         if out is not None:
-            # FSDP re-gathered into the same storage our fp8 view aliases; only the scale is new.
+            # FSDP re-gathered into the same storage our fp8 view aliases; only the scale is new. Assign, not
+            # copy_: tensors saved for backward may still hold the previous scale.
             if not isinstance(out, Float8TrainingTensor):
                 raise RuntimeError(f"fsdp_post_all_gather: expected a Float8TrainingTensor out, got {type(out)}")
-            out._scale.copy_(scale)
+            out._scale = scale
             return
         mm_config = MMConfig(self._config.emulate, self._config.gemm_config_output.use_fast_accum)
-        # Clone the scale: it may be a buffer or the precomputed scale, and out._scale is updated in place.
-        weight = Float8TrainingTensor(data, scale.clone(), param_dtype, Operand.WEIGHT, Gemm.OUTPUT, None, mm_config)
+        weight = Float8TrainingTensor(data, scale, param_dtype, Operand.WEIGHT, Gemm.OUTPUT, None, mm_config)
         return weight, (data,)
 
     def _unsharded_scale(self, mesh) -> torch.Tensor:
