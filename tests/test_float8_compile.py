@@ -14,18 +14,25 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import counters
 
-from titan_fp8.float8 import Float8LinearConfig, convert_to_float8_training, sync_float8_amax_and_scale_history
+from titan_fp8.float8 import (
+    Float8LinearConfig,
+    convert_to_float8_training,
+    invalidate_float8_weights,
+    precompute_float8_weights,
+    sync_float8_amax_and_scale_history,
+)
 
 
 def mlp(dim=32, hidden=64, dtype=torch.float32, device="cpu"):
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)).to(device=device, dtype=dtype)
 
 
-def compiled_steps(recipe: str, backend: str, steps: int = 3, device="cpu", dtype=torch.float32, x_shape=(2, 24, 32)):
+def compiled_steps(recipe: str, backend: str, steps: int = 3, device="cpu", dtype=torch.float32, x_shape=(2, 24, 32),
+                   **overrides):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    config = Float8LinearConfig.from_recipe_name(recipe)
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), **overrides)
     eager = convert_to_float8_training(mlp(dtype=dtype, device=device), config=config)
     model = convert_to_float8_training(mlp(dtype=dtype, device=device), config=config)
     model.load_state_dict(eager.state_dict())
@@ -33,18 +40,36 @@ def compiled_steps(recipe: str, backend: str, steps: int = 3, device="cpu", dtyp
     for _ in range(steps):
         x = torch.randn(*x_shape, device=device, dtype=dtype)
         for m in (eager, compiled):
+            plain = model if m is compiled else eager
+            if config.reuse_float8_weight:
+                precompute_float8_weights(plain)
             xi = x.clone().requires_grad_()
             m(xi).float().pow(2).mean().backward()
-            sync_float8_amax_and_scale_history(model if m is compiled else eager)
+            sync_float8_amax_and_scale_history(plain)
+            invalidate_float8_weights(plain)
     return eager, model, counters
 
 
+# The speed switches: custom-op casts (triton backend), fp8 input saved for backward, fp8 weight reuse.
+FAST = dict(cast_backend="triton", save_float8_for_backward=True)
+
+
 @pytest.mark.parametrize(
-    "recipe,backend",
-    [("tensorwise", "inductor"), ("rowwise", "inductor"), ("rowwise_with_gw_hp", "aot_eager"), ("delayed", "aot_eager")],
+    "recipe,backend,overrides",
+    [
+        ("tensorwise", "inductor", {}),
+        ("rowwise", "inductor", {}),
+        ("rowwise_with_gw_hp", "aot_eager", {}),
+        ("delayed", "aot_eager", {}),
+        ("tensorwise", "inductor", FAST),
+        ("rowwise", "aot_eager", FAST),
+        ("delayed", "aot_eager", {**FAST, "reuse_float8_weight": True}),
+    ],
+    ids=["tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed", "tensorwise-fast", "rowwise-fast",
+         "delayed-fast-reuse"],
 )
-def test_compiled_mlp_forward_backward_has_no_graph_breaks(recipe, backend):
-    eager, model, c = compiled_steps(recipe, backend)
+def test_compiled_mlp_forward_backward_has_no_graph_breaks(recipe, backend, overrides):
+    eager, model, c = compiled_steps(recipe, backend, **overrides)
     assert sum(c["graph_break"].values()) == 0, dict(c["graph_break"])
     # delayed compiles twice: before and after its history exists (a Python flag), not a break
     assert c["stats"]["unique_graphs"] == (2 if recipe == "delayed" else 1)
@@ -62,11 +87,16 @@ def test_explain_reports_one_graph():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp8 _scaled_mm on sm89+)")
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "triton-save8"])
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed"])
-def test_cuda_compiled_float8_linear_uses_scaled_mm(recipe):
+def test_cuda_compiled_float8_linear_uses_scaled_mm(recipe, fast):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 _scaled_mm needs sm89+")
-    eager, model, c = compiled_steps(recipe, "inductor", device="cuda", dtype=torch.bfloat16, x_shape=(4, 256, 32))
+    overrides = {}
+    if fast:
+        overrides = dict(cast_backend="triton", save_float8_for_backward=recipe != "rowwise_with_gw_hp")
+    eager, model, c = compiled_steps(recipe, "inductor", device="cuda", dtype=torch.bfloat16, x_shape=(4, 256, 32),
+                                     **overrides)
     assert sum(c["graph_break"].values()) == 0, dict(c["graph_break"])
     for p, q in zip(model.parameters(), eager.parameters()):
         assert torch.isfinite(p.grad).all()

@@ -3,7 +3,6 @@ state_dict; its FSDP2 hooks produce fp8 bytes and rebuild the weight. (Two-rank 
 test_float8_distributed.py.)"""
 
 import dataclasses
-import types
 
 import pytest
 import torch

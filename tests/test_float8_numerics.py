@@ -105,6 +105,17 @@ def test_sqnr_vs_float64(recipe, x_shape, n, dist):
         assert value >= SQNR_MIN_DB, f"{recipe} {x_shape} {dist}: {name} SQNR {value:.1f} dB < {SQNR_MIN_DB}"
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("x_shape,n", [SHAPES[1], SHAPES[2]])
+def test_sqnr_with_every_speed_switch(recipe, x_shape, n):
+    # Fused casts (Triton custom ops; the same math in torch on CPU) + fp8 input saved for backward.
+    overrides = dict(cast_backend="triton", save_float8_for_backward=recipe != "rowwise_with_gw_hp")
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), **overrides)
+    result = run_linear(recipe, x_shape, n, "heavy_tail", config=config)
+    for name, value in result.items():
+        assert value >= SQNR_MIN_DB, f"{recipe}+switches {x_shape}: {name} SQNR {value:.1f} dB < {SQNR_MIN_DB}"
+
+
 def test_rowwise_beats_tensorwise_on_outlier_rows():
     # Per-row scales isolate outlier tokens: the ordinary rows keep their precision.
     tw = run_linear("tensorwise", (64, 64), 32, "outlier_rows")
@@ -149,6 +160,7 @@ def test_tensorwise_cast_matches_plain_reference():
 @pytest.mark.parametrize("axis", [0, 1])
 def test_rowwise_cast_scales_along_axis_with_power_of_2(axis):
     # Slices (rows for axis=1, columns for axis=0) of very different magnitude: each gets its own scale.
+    torch.manual_seed(0)
     mags = torch.logspace(-3, 3, 48 if axis == 1 else 32)
     x = torch.randn(48, 32) * (mags[:, None] if axis == 1 else mags[None, :])
     cc = CastConfig(scaling_granularity=ScalingGranularity.AXISWISE, target_dtype=E4M3)
@@ -158,7 +170,11 @@ def test_rowwise_cast_scales_along_axis_with_power_of_2(axis):
     assert f8._scale.shape == amax.shape and f8._axiswise_dim == axis
     torch.testing.assert_close(f8._scale, ref_scale, rtol=0, atol=0)
     assert torch.equal(f8._data.view(torch.uint8), (x * ref_scale).clamp(-448, 448).to(E4M3).view(torch.uint8))
-    torch.testing.assert_close(f8.to_original_precision(), x, rtol=2**-4, atol=0)
+    # Within e4m3's half-ulp (2^-4 relative) for values in e4m3's normal range of their slice (the power-of-2
+    # scale puts a slice's amax in [224, 448]; below 2^-6 of fp8 range the absolute subnormal step applies).
+    floor = 448.0 / ref_scale * 2**-6
+    rel = ((f8.to_original_precision() - x).abs() / x.abs().clamp(min=floor)).max()
+    assert rel <= 2**-4 + 1e-6
 
 
 def test_zero_tensor_gives_finite_scale():

@@ -154,6 +154,14 @@ class Float8:
     amax_compute_algo: str = _opt("max", "delayed scaling: max over history or most_recent",
                                   choices=("max", "most_recent"))
     emulate: bool = _opt(False, "dequantise + matmul instead of _scaled_mm (GPUs without fp8 GEMMs)")
+    filter_small_gemms: bool = _opt(False, "keep Linears whose fp8 GEMMs are predicted slower than bf16 at this "
+                                           "micro-batch's token count in high precision (each logged with why)")
+    cast_backend: str = _opt("torch", "fp8 casts: torch (ops fused by torch.compile) or triton (fused kernels: "
+                                      "one amax pass + one pass writing both layouts)", choices=("torch", "triton"))
+    save_float8_for_backward: bool = _opt(False, "save the fp8 input (both layouts cast in one forward pass) for "
+                                                 "backward instead of the high-precision input")
+    reuse_float8_weight: bool = _opt(False, "cast each weight to fp8 once per optimizer step and reuse it across "
+                                            "gradient-accumulation micro-batches (not with FSDP)")
 
 
 @dataclass(frozen=True)
@@ -500,6 +508,9 @@ def validate(config: JobConfig) -> None:
     if f8.enable_fsdp_float8_all_gather and config.float8_enabled:
         _require(f8.recipe_name in ("tensorwise", "delayed"), "float8.enable_fsdp_float8_all_gather",
                  f"needs recipe tensorwise or delayed, got {f8.recipe_name!r}")
+    if f8.save_float8_for_backward and config.float8_enabled:
+        _require(f8.recipe_name != "rowwise_with_gw_hp", "float8.save_float8_for_backward",
+                 "rowwise_with_gw_hp runs grad_weight in high precision: there is no fp8 input copy to save")
 
     q = config.qat
     _require(q.group_size in (32, 64, 128, 256), "qat.group_size", f"expected 32, 64, 128 or 256, got {q.group_size}")

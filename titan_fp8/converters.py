@@ -56,13 +56,17 @@ class Float8Converter(ModelConverter):
 
     def __init__(self, *, recipe_name: str, filter_fqns: list[str], enable_fsdp_float8_all_gather: bool,
                  precompute_scale: bool, amax_history_len: int, margin: int, amax_compute_algo: str,
-                 emulate: bool, process_group=None):
+                 emulate: bool, process_group=None, filter_small_gemms: bool = False,
+                 tokens_per_microbatch: Optional[int] = None, cast_backend: str = "torch",
+                 save_float8_for_backward: bool = False, reuse_float8_weight: bool = False):
         import dataclasses
 
         from titan_fp8.float8 import Float8LinearConfig
 
         base = Float8LinearConfig.from_recipe_name(recipe_name)
-        overrides = dict(emulate=emulate, enable_fsdp_float8_all_gather=enable_fsdp_float8_all_gather)
+        overrides = dict(emulate=emulate, enable_fsdp_float8_all_gather=enable_fsdp_float8_all_gather,
+                         cast_backend=cast_backend, save_float8_for_backward=save_float8_for_backward,
+                         reuse_float8_weight=reuse_float8_weight)
         if recipe_name == "delayed":
             overrides.update(amax_history_len=amax_history_len, margin=margin, amax_compute_algo=amax_compute_algo)
         self.config = dataclasses.replace(base, **overrides)
@@ -70,14 +74,25 @@ class Float8Converter(ModelConverter):
         self.filter_fqns = list(filter_fqns)
         self.precompute_scale = precompute_scale and enable_fsdp_float8_all_gather
         self.process_group = process_group
+        if filter_small_gemms and not tokens_per_microbatch:
+            raise ValueError("float8.filter_small_gemms needs the tokens per micro-batch (local_batch_size x seq_len)")
+        self.filter_small_gemms = filter_small_gemms
+        self.tokens_per_microbatch = tokens_per_microbatch
+        self.reuse_float8_weight = reuse_float8_weight
 
     def convert(self, model: nn.Module) -> None:
-        from titan_fp8.float8 import Float8Linear, convert_to_float8_training
+        from titan_fp8.float8 import Float8Linear, convert_to_float8_training, small_gemm_filter
 
-        convert_to_float8_training(model, config=self.config, module_filter_fn=fqn_filter(self.filter_fqns))
+        if self.filter_small_gemms:
+            # Also skips by name and by dims; each skip is logged with the predicted speedup.
+            module_filter_fn = small_gemm_filter(self.config, self.tokens_per_microbatch, filter_fqns=self.filter_fqns)
+        else:
+            module_filter_fn = fqn_filter(self.filter_fqns)
+        convert_to_float8_training(model, config=self.config, module_filter_fn=module_filter_fn)
         n = sum(isinstance(m, Float8Linear) for m in model.modules())
         if n == 0:
-            raise ValueError(f"float8.filter_fqns={self.filter_fqns}: no Linear was converted to float8")
+            why = " and float8.filter_small_gemms (see the log for each Linear)" if self.filter_small_gemms else ""
+            raise ValueError(f"float8.filter_fqns={self.filter_fqns}{why}: no Linear was converted to float8")
         logger.info("float8: %d Linears converted, recipe %s", n, self.recipe_name)
 
     def init_buffers(self, model: nn.Module) -> None:
@@ -87,9 +102,22 @@ class Float8Converter(ModelConverter):
             if isinstance(m, Float8Linear):
                 m.reset_float8_buffers()
 
-    def post_optimizer_hook(self, model: nn.Module) -> None:
-        from titan_fp8.float8 import precompute_float8_dynamic_scale_for_fsdp, sync_float8_amax_and_scale_history
+    def pre_step(self, model: nn.Module, step: int) -> None:
+        if self.reuse_float8_weight:
+            from titan_fp8.float8 import precompute_float8_weights
 
+            # One fp8 cast of each weight for all of this step's micro-batches.
+            precompute_float8_weights(model)
+
+    def post_optimizer_hook(self, model: nn.Module) -> None:
+        from titan_fp8.float8 import (
+            invalidate_float8_weights,
+            precompute_float8_dynamic_scale_for_fsdp,
+            sync_float8_amax_and_scale_history,
+        )
+
+        if self.reuse_float8_weight:
+            invalidate_float8_weights(model)  # the weights just changed
         if self.recipe_name == "delayed":
             sync_float8_amax_and_scale_history(model, process_group=self.process_group)
         if self.precompute_scale:
@@ -121,10 +149,16 @@ def build_converters(config: JobConfig, process_group=None, fsdp_enabled: bool =
             logger.warning("float8.precompute_float8_dynamic_scale_for_fsdp is not supported with HSDP yet: "
                            "weight scales are computed at each fp8 all-gather instead")
             precompute = False
+        if f8.reuse_float8_weight and fsdp_enabled:
+            raise ValueError("float8.reuse_float8_weight is not supported with FSDP (sharded weights are gathered "
+                             "for every forward); disable it or run without data-parallel sharding")
+        t = config.training
         converters.append(Float8Converter(
             recipe_name=f8.recipe_name, filter_fqns=f8.filter_fqns,
             enable_fsdp_float8_all_gather=all_gather,
             precompute_scale=precompute, amax_history_len=f8.amax_history_len,
             margin=f8.margin, amax_compute_algo=f8.amax_compute_algo, emulate=f8.emulate,
-            process_group=process_group))
+            process_group=process_group, filter_small_gemms=f8.filter_small_gemms,
+            tokens_per_microbatch=t.local_batch_size * t.seq_len, cast_backend=f8.cast_backend,
+            save_float8_for_backward=f8.save_float8_for_backward, reuse_float8_weight=f8.reuse_float8_weight))
     return converters

@@ -9,6 +9,12 @@ Typical use::
     optimizer.step()
     precompute_float8_dynamic_scale_for_fsdp(model)  # FSDP2 fp8 all-gather only
 
+Speed switches (Float8LinearConfig fields, all off by default): ``cast_backend="triton"`` (fused cast
+kernels), ``save_float8_for_backward`` (fp8 input saved for backward), ``reuse_float8_weight`` (with
+``precompute_float8_weights(model)`` before a step's micro-batches and ``invalidate_float8_weights(model)``
+after ``optimizer.step()``); and ``module_filter_fn=small_gemm_filter(config, tokens)`` keeps Linears
+too small to gain in high precision.
+
 This package imports only torch (and triton for kernels), never the rest of titan_fp8.
 """
 
@@ -24,8 +30,9 @@ from .config import (
 )
 from .convert import convert_to_float8_training
 from .delayed import sync_float8_amax_and_scale_history
+from .filter import Float8PerfModel, SmallGemmFilter, small_gemm_filter
 from .fsdp import WeightWithFloat8AllGather, precompute_float8_dynamic_scale_for_fsdp
-from .linear import Float8Linear
+from .linear import Float8Linear, invalidate_float8_weights, precompute_float8_weights
 from .scaled_mm import ScaledMMContractError
 from .tensor import Float8TrainingTensor
 
@@ -34,15 +41,20 @@ __all__ = [
     "Float8GemmConfig",
     "Float8Linear",
     "Float8LinearConfig",
+    "Float8PerfModel",
     "Float8TrainingTensor",
     "Gemm",
     "Operand",
     "ScaledMMContractError",
     "ScalingGranularity",
     "ScalingType",
+    "SmallGemmFilter",
     "WeightWithFloat8AllGather",
     "cast_to_float8",
     "convert_to_float8_training",
+    "invalidate_float8_weights",
     "precompute_float8_dynamic_scale_for_fsdp",
+    "precompute_float8_weights",
+    "small_gemm_filter",
     "sync_float8_amax_and_scale_history",
 ]

@@ -22,6 +22,7 @@ import torch
 
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
+CAST_BACKENDS = ("torch", "triton")  # see kernels.py
 
 
 class ScalingType(enum.Enum):
@@ -146,9 +147,19 @@ class Float8LinearConfig:
     round_scales_to_power_of_2: bool = False
     # FSDP2: all-gather tensorwise-scaled weights in fp8 instead of high precision.
     enable_fsdp_float8_all_gather: bool = False
-    # Save fp8 copies of input and weight for backward instead of the high-precision tensors
-    # (tensorwise only, where the backward would recompute the identical cast).
+    # Cast the input for BOTH of its GEMMs in the forward (one pass writing the row-major fp8 data and
+    # its transposed copy) and save that fp8 copy for the grad_weight GEMM instead of the
+    # high-precision input: half the bytes kept for backward and no second read of the input there.
+    # The weight is still recast in backward from the parameter (kept anyway), with the forward's scale.
     save_float8_for_backward: bool = False
+    # How casts run: "torch" (plain ops; torch.compile fuses them) or "triton" (hand-written fused
+    # kernels registered as custom ops: one amax pass + one pass writing both layouts; the same math
+    # in torch on CPU). See kernels.py.
+    cast_backend: str = "torch"
+    # Cast each weight to fp8 once per optimizer step (``precompute_float8_weights``, called before the
+    # first micro-batch) and reuse it in every gradient-accumulation micro-batch. Costs the fp8 weight
+    # in both layouts (2 bytes per weight element) held through the step. Not with FSDP.
+    reuse_float8_weight: bool = False
 
     # Delayed scaling.
     amax_history_len: int = 16
@@ -213,15 +224,24 @@ class Float8LinearConfig:
             parts.append("fsdp_float8_all_gather=True")
         if self.delayed_operands():
             parts.append(f"amax_history_len={self.amax_history_len}, amax_compute_algo={self.amax_compute_algo}")
+        if self.save_float8_for_backward:
+            parts.append("save_float8_for_backward=True")
+        if self.cast_backend != "torch":
+            parts.append(f"cast_backend={self.cast_backend}")
+        if self.reuse_float8_weight:
+            parts.append("reuse_float8_weight=True")
         return ", ".join(parts)
 
     # ------------------------------------------------------------------ validation
 
     def _validate(self) -> None:
-        flags = ("emulate", "round_scales_to_power_of_2", "enable_fsdp_float8_all_gather", "save_float8_for_backward")
+        flags = ("emulate", "round_scales_to_power_of_2", "enable_fsdp_float8_all_gather", "save_float8_for_backward",
+                 "reuse_float8_weight")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Float8LinearConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cast_backend not in CAST_BACKENDS:
+            raise ValueError(f"Float8LinearConfig.cast_backend must be one of {CAST_BACKENDS}, got {self.cast_backend!r}")
         if not _is_int(self.amax_history_len) or self.amax_history_len < 1:
             raise ValueError(f"Float8LinearConfig.amax_history_len must be an int >= 1, got {self.amax_history_len!r}")
         if not _is_int(self.margin) or not 0 <= self.margin <= 64:
@@ -291,15 +311,18 @@ class Float8LinearConfig:
                 )
 
         if self.save_float8_for_backward:
-            for operand in (Operand.INPUT, Operand.WEIGHT):
-                main_field = _FIELD_BY_OPERAND_GEMM[(operand, _main_gemm(operand))]
-                other_field = _FIELD_BY_OPERAND_GEMM[(operand, _other_gemm(operand))]
-                main, other = getattr(self, main_field), getattr(self, other_field)
-                if main != other or not main.enabled or main.scaling_granularity is not ScalingGranularity.TENSORWISE:
-                    raise ValueError(
-                        f"Float8LinearConfig.save_float8_for_backward=True requires {main_field} == {other_field} "
-                        "and TENSORWISE (the backward must be able to reuse the forward's fp8 copy)"
-                    )
+            main, other = self.cast_config_input, self.cast_config_input_for_grad_weight
+            if not (main.enabled and other.enabled):
+                raise ValueError(
+                    "Float8LinearConfig.save_float8_for_backward=True requires cast_config_input and "
+                    "cast_config_input_for_grad_weight to be fp8 casts (the saved fp8 copy feeds the grad_weight "
+                    f"GEMM); got {main.short_str()} and {other.short_str()}"
+                )
+        if self.reuse_float8_weight and self.enable_fsdp_float8_all_gather:
+            raise ValueError(
+                "Float8LinearConfig.reuse_float8_weight=True cannot be combined with enable_fsdp_float8_all_gather "
+                "(FSDP gathers a fresh fp8 weight for every forward)"
+            )
 
 
 def _main_gemm(operand: Operand) -> Gemm:

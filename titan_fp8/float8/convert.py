@@ -43,7 +43,10 @@ def convert_to_float8_training(
                 skipped.append((fqn, reason))
                 return linear
         elif not module_filter_fn(linear, fqn):
-            skipped.append((fqn, "excluded by module_filter_fn"))
+            # A filter that can say why (e.g. the small-GEMM auto filter) is quoted in the log.
+            explain = getattr(module_filter_fn, "skip_reason", None)
+            why = explain(linear, fqn) if callable(explain) else None
+            skipped.append((fqn, f"excluded by module_filter_fn: {why}" if why else "excluded by module_filter_fn"))
             return linear
         elif reason is not None:
             raise ValueError(

@@ -6,6 +6,7 @@ reciprocal (the dequantisation factor), computed at the GEMM call.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,7 +27,12 @@ def tensor_amax(x: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
     """
     if axis is None and x.numel() == 0:  # e.g. an FSDP rank holding no rows of a small weight
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    amax = x.abs().amax() if axis is None else x.abs().amax(dim=axis, keepdim=True)
+    # One reduction kernel in eager (x.abs().amax() would first write |x|); under torch.compile both
+    # lower to the same fused abs-max reduction.
+    if axis is None:
+        amax = torch.linalg.vector_norm(x, ord=math.inf)
+    else:
+        amax = torch.linalg.vector_norm(x, ord=math.inf, dim=axis, keepdim=True)
     return amax.to(torch.float32)
 
 
