@@ -156,7 +156,13 @@ class Trainer:
             os.path.join(job.dump_folder, c.folder), interval=c.interval, keep_latest_k=c.keep_latest_k,
             async_mode=c.async_mode, metadata={"model_args": dataclasses.asdict(self.model_args),
                                                "config_hash": config_hash(config.to_dict()),
-                                               "global_batch_size": self.global_batch_size}) if c.enable else None
+                                               "global_batch_size": self.global_batch_size,
+                                               # export.py rebuilds the QAT scheme and the tokenizer from these.
+                                               "qat": dataclasses.asdict(config.qat) if config.qat_enabled else None,
+                                               "tokenizer": {"path": (os.path.abspath(config.model.tokenizer_path)
+                                                                      if config.model.tokenizer_path else None),
+                                                             "vocab_size": self.tokenizer.vocab_size}},
+        ) if c.enable else None
         self.metrics = MetricsLogger(job.dump_folder, enable_tensorboard=config.metrics.enable_tensorboard,
                                      rank=self.rank)
         peak, self.peak_name = device_peak_flops(self.device)

@@ -1,6 +1,69 @@
-"""QAT converter for the trainer (prepare -> fake-quantised training -> convert)."""
+"""The QAT converter the trainer runs (`--qat.enable`): prepare -> fake-quantised training -> convert.
+
+    converter = build_qat_converter(scheme="int8_dynamic_activation_int4_weight", group_size=32,
+                                    start_step=100, filter_fqns=["output"])
+    converter.convert(model)          # on the meta model, before FSDP/compile: Linears -> FakeQuantLinear
+    converter.pre_step(model, step)   # fake quantisation on from `start_step` (also right after a resume)
+    converter.finalize(model)         # fake-quantised modules -> QuantizedTensor weights (for serving)
+
+Parameter names are unchanged, so a QAT run resumes from (or starts from) any checkpoint of the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch.nn as nn
+
+from .qat import prepare_qat_, quantize_, set_fake_quant_
+from .schemes import QuantScheme
+
+__all__ = ["QATConverter", "build_qat_converter"]
+
+logger = logging.getLogger(__name__)
 
 
-def build_qat_converter(*, scheme: str, group_size: int, start_step: int, filter_fqns: list[str]):
-    raise NotImplementedError("qat.enable: quantization-aware training is not implemented yet "
-                              "(titan_fp8.quant fake-quant Linear and converter are missing)")
+class QATConverter:
+    name = "qat"
+
+    def __init__(self, scheme: QuantScheme, *, start_step: int = 0, filter_fqns: Iterable[str] = ()):
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"qat.start_step: must be an integer >= 0, got {start_step!r}")
+        self.scheme = scheme
+        self.start_step = start_step
+        self.filter_fqns = list(filter_fqns)
+        self._enabled = None  # unknown until the first pre_step
+
+    def convert(self, model: nn.Module) -> None:
+        report = prepare_qat_(model, self.scheme, self.filter_fqns)
+        if not report.converted:
+            raise ValueError(f"qat.filter_fqns={self.filter_fqns}: no Linear or Embedding was prepared for QAT "
+                             f"({'; '.join(f'{k}: {v}' for k, v in report.skipped.items()) or 'model has none'})")
+        report.log(f"qat {self.scheme.describe()}")
+        self._set(model, self.start_step <= 1)  # the first step is 1
+
+    def init_buffers(self, model: nn.Module) -> None:
+        pass  # fake quantisation keeps no state: scales are computed from the current tensors
+
+    def pre_step(self, model: nn.Module, step: int) -> None:
+        self._set(model, step >= self.start_step)
+
+    def post_optimizer_hook(self, model: nn.Module) -> None:
+        pass
+
+    def finalize(self, model: nn.Module) -> None:
+        report = quantize_(model)
+        logger.info("qat: converted %d fake-quantised modules to %s QuantizedTensor weights", len(report.converted),
+                    self.scheme.name)
+
+    def _set(self, model: nn.Module, enabled: bool) -> None:
+        if enabled != self._enabled:
+            n = set_fake_quant_(model, enabled)
+            if self._enabled is not None or enabled:
+                logger.info("qat: fake quantisation %s in %d modules", "on" if enabled else "off", n)
+            self._enabled = enabled
+
+
+def build_qat_converter(*, scheme: str, group_size: int, start_step: int, filter_fqns: list[str]) -> QATConverter:
+    return QATConverter(QuantScheme.from_name(scheme, group_size), start_step=start_step, filter_fqns=filter_fqns)

@@ -1,0 +1,147 @@
+"""QAT vs PTQ on the debug model (CPU, ~10 minutes): how much of PTQ's damage does QAT recover?
+
+Three models, same data, same number of steps, same schedule:
+  baseline  train.py on configs/debug.toml for --steps steps in fp32 (the debug config's
+            mixed_precision_param = float32; CPU has no bf16 autocast here)
+  PTQ       the baseline's final checkpoint exported with --scheme (default 8da4w)
+  QAT       resume the baseline's checkpoint at --qat_start (default steps/2) with `--qat.enable` (fake
+            quantisation of every Linear and the embedding: `--qat.filter_fqns ""`, as export
+            quantises) and train to --steps; then exported with the same scheme
+The quantised models are the real artifacts, loaded by scripts/generate.py's loader and run with the CPU
+kernels. Held-out loss is the mean next-token cross-entropy over the whole validation split of the
+embedded corpus (27 batches of 8 x 256 tokens). Recovery = (L_ptq - L_qat) / (L_ptq - L_base), also on
+perplexity (torchao's ~68% is on wikitext perplexity for Llama3-8B).
+
+    python scripts/qat_experiment.py --workdir /tmp/qat_exp            # writes results.json + results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+import torch  # noqa: E402
+
+QAT_SCHEME = "int8_dynamic_activation_int4_weight"
+
+
+def train(workdir: str, name: str, steps: int, extra: list[str]) -> float:
+    dump = os.path.join(workdir, name)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "debug.toml"),
+           "--job.dump_folder", dump, "--training.steps", str(steps), "--checkpoint.enable",
+           "--checkpoint.keep_latest_k", "0", "--validation.no_enable", "--metrics.no_enable_tensorboard",
+           "--metrics.log_freq", "50", *extra]
+    t0 = time.perf_counter()
+    print(f"[qat_experiment] {name}: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def heldout_loss(model, batches) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        logits = model(x)
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+        n += y.numel()
+    return total / n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/tmp/titan_fp8_qat_experiment")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--qat_start", type=int, default=None, help="default: steps // 2")
+    p.add_argument("--scheme", default=QAT_SCHEME)
+    p.add_argument("--group_size", type=int, default=32)
+    p.add_argument("--reuse", action="store_true", help="reuse finished training runs in --workdir")
+    a = p.parse_args(argv)
+    start = a.qat_start or a.steps // 2
+    os.makedirs(a.workdir, exist_ok=True)
+
+    import export as export_script
+    import generate as generate_script
+
+    from titan_fp8.data import build_dataloader, build_tokenizer
+
+    timings = {}
+    base_ckpt = os.path.join(a.workdir, "baseline", "checkpoint")
+    if not (a.reuse and os.path.isdir(os.path.join(base_ckpt, f"step-{a.steps}"))):
+        shutil.rmtree(os.path.join(a.workdir, "baseline"), ignore_errors=True)
+        timings["baseline_train_s"] = train(a.workdir, "baseline", a.steps, ["--checkpoint.interval", str(start)])
+    qat_ckpt = os.path.join(a.workdir, "qat", "checkpoint")
+    if not (a.reuse and os.path.isdir(os.path.join(qat_ckpt, f"step-{a.steps}"))):
+        shutil.rmtree(os.path.join(a.workdir, "qat"), ignore_errors=True)
+        os.makedirs(qat_ckpt)
+        shutil.copytree(os.path.join(base_ckpt, f"step-{start}"), os.path.join(qat_ckpt, f"step-{start}"))
+        timings["qat_train_s"] = train(a.workdir, "qat", a.steps, [
+            "--checkpoint.interval", str(a.steps), "--qat.enable", "--qat.scheme", a.scheme,
+            "--qat.group_size", str(a.group_size), "--qat.start_step", str(start + 1), "--qat.filter_fqns", ""])
+
+    tok = build_tokenizer(None, vocab_size=4096)
+    batches = list(build_dataloader(dataset="stdlib", dataset_path=None, tokenizer=tok, seq_len=256,
+                                    local_batch_size=8, split="validation", infinite=False))
+    n_tokens = sum(y.numel() for _, y in batches)
+    rows = []
+
+    def add(name, loss, size=None, note=""):
+        rows.append({"model": name, "loss": loss, "ppl": math.exp(loss), "artifact_bytes": size, "note": note})
+        print(f"[qat_experiment] {name:40s} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {note}", flush=True)
+
+    base_model, _ = export_script.load_checkpoint(os.path.join(base_ckpt, f"step-{a.steps}"))
+    add("baseline (fp32)", heldout_loss(base_model, batches))
+    qat_model, _ = export_script.load_checkpoint(os.path.join(qat_ckpt, f"step-{a.steps}"))
+    add("QAT weights, not quantised (fp32)", heldout_loss(qat_model, batches), note="for reference")
+
+    arts = os.path.join(a.workdir, "artifacts")
+    for label, ckpt, scheme in [("baseline", base_ckpt, "bf16"), ("PTQ", base_ckpt, a.scheme), ("QAT", qat_ckpt, a.scheme),
+                                ("PTQ", base_ckpt, "int4_weight_only"), ("PTQ", base_ckpt, "int8_weight_only"),
+                                ("PTQ", base_ckpt, "float8_dynamic")]:
+        out = os.path.join(arts, f"{label}-{scheme}")
+        config, _ = export_script.export(os.path.join(ckpt, f"step-{a.steps}"), scheme, out,
+                                         group_size=a.group_size, overwrite=True)
+        model, _, _, kernels = generate_script.load_model(out)
+        kinds = sorted(set(kernels.converted.values())) if kernels and kernels.converted else ["float"]
+        add(f"{label} {scheme} artifact", heldout_loss(model, batches), config["files"]["model.safetensors"]["size"],
+            note=f"kernels {','.join(kinds)}")
+
+    by = {r["model"]: r for r in rows}
+    base, ptq, qat = by["baseline (fp32)"], by[f"PTQ {a.scheme} artifact"], by[f"QAT {a.scheme} artifact"]
+    rec_loss = (ptq["loss"] - qat["loss"]) / (ptq["loss"] - base["loss"])
+    rec_ppl = (ptq["ppl"] - qat["ppl"]) / (ptq["ppl"] - base["ppl"])
+    result = {"steps": a.steps, "qat_start": start, "scheme": a.scheme, "group_size": a.group_size,
+              "heldout_tokens": n_tokens, "rows": rows, "recovery_loss": rec_loss, "recovery_ppl": rec_ppl,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), **timings}
+    with open(os.path.join(a.workdir, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    bf16 = by["baseline bf16 artifact"]["artifact_bytes"]
+    lines = ["| model | held-out loss | perplexity | artifact | vs bf16 |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        size = f"{r['artifact_bytes'] / 2**20:.2f} MiB" if r["artifact_bytes"] else ""
+        ratio = f"{r['artifact_bytes'] / bf16:.3f}x" if r["artifact_bytes"] else ""
+        lines.append(f"| {r['model']} | {r['loss']:.4f} | {r['ppl']:.3f} | {size} | {ratio} |")
+    lines.append("")
+    lines.append(f"PTQ degradation: +{ptq['loss'] - base['loss']:.4f} loss (+{ptq['ppl'] - base['ppl']:.3f} ppl); "
+                 f"QAT: {qat['loss'] - base['loss']:+.4f} loss ({qat['ppl'] - base['ppl']:+.3f} ppl). "
+                 f"QAT recovers {rec_loss:.0%} of PTQ's loss degradation, {rec_ppl:.0%} of its perplexity degradation.")
+    text = "\n".join(lines)
+    with open(os.path.join(a.workdir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

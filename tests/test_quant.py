@@ -1,0 +1,302 @@
+"""titan_fp8.quant: quantise/dequantise math, packing, QuantizedTensor ops and kernels, QAT modules and converter.
+
+Tolerances: on the reference path (dequantise + F.linear) a converted model reproduces the fake-quantised
+forward bit for bit; with the CPU low-precision kernels, logits stay within SQNR >= 40 dB of it (measured
+on this tiny model: 74 dB for 8da4w, >= 130 dB for the others).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from titan_fp8.models import Transformer
+from titan_fp8.models.llama3 import ModelArgs
+from titan_fp8.quant import (SCHEMES, FakeQuantEmbedding, FakeQuantLinear, QuantFormat, QuantizedTensor, QuantScheme,
+                             build_qat_converter, choose_kernel, fake_quantize, pack_int4, prepare_for_inference_,
+                             prepare_qat_, quantize_, set_fake_quant_, unpack_int4, weight_memory_bytes)
+
+TINY = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=64, max_seq_len=64)
+
+
+def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    err = (ref.float() - x.float()).pow(2).mean()
+    return math.inf if err == 0 else float(10 * torch.log10(ref.float().pow(2).mean() / err))
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(TINY)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Math and packing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pack_int4_round_trip_and_byte_order():
+    u = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    packed = pack_int4(u)
+    assert packed.shape == (5, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), u)
+    assert pack_int4(torch.tensor([[1, 2]])).item() == 0x12  # high nibble first
+    with pytest.raises(ValueError):
+        pack_int4(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_weight_round_trip_error_is_bounded(name):
+    fmt = QuantScheme.from_name(name, 32).weight
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    scale, zp = fmt.choose_qparams(w)
+    q = fmt.quantize(w, scale, zp)
+    assert q.dtype == fmt.qdtype
+    if not fmt.is_float8:
+        assert q.min() >= fmt.qmin and q.max() <= fmt.qmax
+        # each value is off by at most half a step, except the clipped top bucket of symmetric int4 (+8 -> 7)
+        step = scale.float().repeat_interleave(fmt.group_size or 256, dim=1)
+        err = (fmt.dequantize(q, scale, zp, torch.float32) - w).abs()
+        assert (err <= step * 0.5 + 1e-6).float().mean() > 0.99
+        assert (err <= step * 1.0 + 1e-6).all()
+    expected = {"int4_weight_only": 19, "int8_weight_only": 38, "int8_dynamic_activation_int4_weight": 17,
+                "float8_dynamic": 28}[name]
+    assert sqnr(w, fmt.quantize_dequantize(w)) > expected
+    # zero groups quantise to zeros, not NaN
+    assert torch.equal(fmt.quantize_dequantize(torch.zeros(2, 64)), torch.zeros(2, 64))
+
+
+def test_asymmetric_activation_keeps_zero_exact():
+    act = QuantScheme.from_name("int8_dynamic_activation_int4_weight").activation
+    x = torch.rand(4, 64) * 3 + 0.5  # all positive: the range is widened to hold 0
+    x[:, 0] = 0.0
+    assert torch.all(act.quantize_dequantize(x)[:, 0] == 0)
+
+
+def test_bad_formats_and_schemes_raise():
+    with pytest.raises(ValueError, match="kind"):
+        QuantFormat("int3")
+    with pytest.raises(ValueError, match="scheme"):
+        QuantScheme.from_name("int2_weight_only")
+    with pytest.raises(ValueError, match="group_size"):
+        QuantScheme.from_name("int4_weight_only", 48)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        QuantScheme.from_name("int4_weight_only", 32).weight.choose_qparams(torch.randn(4, 40))
+
+
+# --------------------------------------------------------------------------------------------------
+# QuantizedTensor
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_quantized_tensor_dequantize_equals_fake_quant(name):
+    scheme = QuantScheme.from_name(name, 32)
+    w = torch.randn(48, 128)
+    qt = QuantizedTensor.from_float(w, scheme)
+    assert qt.shape == w.shape and qt.dtype == w.dtype and qt.block_size == (1, scheme.group_size or 128)
+    assert torch.equal(qt.dequantize(), fake_quantize(w, scheme.weight))
+    if scheme.weight.kind == "int4":
+        assert qt.qdata.shape == (48, 64) and qt.qdata.dtype == torch.uint8
+        assert qt.nbytes_stored() < w.numel() * 0.6  # 4 bits + 16-bit scale (+ 8-bit zero point) per 32
+    rebuilt = QuantizedTensor.from_tensors(qt.qdata, qt.scale, qt.zero_point, scheme=scheme, shape=(48, 128),
+                                           dtype=torch.float32)
+    assert torch.equal(rebuilt.dequantize(), qt.dequantize())
+
+
+def test_from_tensors_rejects_bad_fields():
+    scheme = QuantScheme.from_name("int4_weight_only", 32)
+    qt = QuantizedTensor.from_float(torch.randn(16, 64), scheme)
+    with pytest.raises(ValueError, match="scale has shape"):
+        QuantizedTensor.from_tensors(qt.qdata, qt.scale[:, :1], qt.zero_point, scheme=scheme, shape=(16, 64),
+                                     dtype=torch.float32)
+    with pytest.raises(ValueError, match="missing field zero_point"):
+        QuantizedTensor.from_tensors(qt.qdata, qt.scale, None, scheme=scheme, shape=(16, 64), dtype=torch.float32)
+    with pytest.raises(ValueError, match="qdata has dtype"):
+        QuantizedTensor.from_tensors(qt.qdata.to(torch.int8), qt.scale, qt.zero_point, scheme=scheme,
+                                     shape=(16, 64), dtype=torch.float32)
+
+
+def test_unsupported_ops_fail_closed():
+    qt = QuantizedTensor.from_float(torch.randn(16, 64), QuantScheme.from_name("int8_weight_only"))
+    with pytest.raises(NotImplementedError, match="aten.add"):
+        qt + 1
+    with pytest.raises(NotImplementedError, match="aten"):
+        torch.randn(2, 64) @ qt.t()
+
+
+def test_to_dtype_and_parameter_and_state_dict():
+    lin = nn.Linear(64, 32, bias=True)
+    scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
+    lin.weight = nn.Parameter(QuantizedTensor.from_float(lin.weight, scheme), requires_grad=False)
+    x = torch.randn(3, 64)
+    ref = F.linear(scheme.activation.quantize_dequantize(x), lin.weight.dequantize(), lin.bias)
+    assert torch.equal(lin(x), ref)
+    lin.to(torch.bfloat16)
+    assert isinstance(lin.weight, QuantizedTensor) and lin.weight.dtype == torch.bfloat16
+    assert lin(x.bfloat16()).dtype == torch.bfloat16
+    sd = lin.state_dict()
+    assert isinstance(sd["weight"], QuantizedTensor)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_cpu_kernels_match_reference(name):
+    scheme = QuantScheme.from_name(name, 32)
+    torch.manual_seed(0)
+    ref = QuantizedTensor.from_float(torch.randn(96, 256) * 0.05, scheme)
+    kernel, why = choose_kernel(ref)
+    assert kernel != "reference", why
+    fast = ref.with_kernel(kernel)
+    x = torch.randn(2, 5, 256)
+    assert sqnr(F.linear(x, ref), F.linear(x, fast)) > 40
+    # the kernel layout's own view of the weight (int4: identity through the kernel) is the same weight
+    assert sqnr(ref.dequantize(), fast.dequantize()) > 100
+    with pytest.raises(ValueError, match="kernel"):
+        fast.with_kernel("reference")
+
+
+def test_kernel_choice_names_its_reason():
+    odd = QuantizedTensor.from_float(torch.randn(40, 64), QuantScheme.from_name("int4_weight_only", 32))
+    kernel, why = choose_kernel(odd)
+    assert kernel == "reference" and "multiple of 16" in why
+
+
+def test_embedding_lookup_dequantises_rows():
+    emb = nn.Embedding(100, 64)
+    scheme = QuantScheme.from_name("int4_weight_only", 32)
+    table = emb.weight.detach().clone()
+    emb.weight = nn.Parameter(QuantizedTensor.from_float(table, scheme), requires_grad=False)
+    idx = torch.tensor([[3, 99, 3], [0, 1, 2]])
+    assert torch.equal(emb(idx), emb.weight.dequantize()[idx])
+    assert torch.equal(emb(idx), fake_quantize(table, scheme.weight)[idx])
+
+
+# --------------------------------------------------------------------------------------------------
+# QAT modules and model passes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_prepare_keeps_state_dict_keys_and_skips_with_reasons():
+    model = tiny_model()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    report = prepare_qat_(model, QuantScheme.from_name("int4_weight_only", 64), filter_fqns=["output"])
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    assert report.skipped == {"output": "filter_fqns entry 'output'"}
+    assert isinstance(model.tok_embeddings, FakeQuantEmbedding) and isinstance(model.output, nn.Linear)
+    model.load_state_dict(tiny_model(1).state_dict(), strict=True)  # checkpoints of the plain model load
+    report = prepare_qat_(tiny_model(), QuantScheme.from_name("int4_weight_only", 128))
+    assert "multiple of group_size 128" in report.skipped["layers.0.attention.wq"]  # in_features 64
+
+
+def test_prepare_converts_every_linear_and_the_embedding():
+    model = tiny_model()
+    report = prepare_qat_(model, QuantScheme.from_name("int4_weight_only", 32))
+    assert not report.skipped and len(report.converted) == 9  # 7 Linears + output + embedding
+    assert all(isinstance(m, FakeQuantLinear) for n, m in model.named_modules() if n.endswith(("wq", "w2", "output")))
+
+
+def test_straight_through_gradient():
+    torch.manual_seed(0)
+    lin = FakeQuantLinear.from_linear(nn.Linear(64, 32, bias=False), QuantScheme.from_name(
+        "int8_dynamic_activation_int4_weight", 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    g = torch.randn(4, 32)
+    lin(x).backward(g)
+    xq = lin.scheme.activation.quantize_dequantize(x.detach())
+    wq = lin.scheme.weight.quantize_dequantize(lin.weight.detach())
+    torch.testing.assert_close(lin.weight.grad, g.t() @ xq)  # d/dw passes straight through the weight quantiser
+    torch.testing.assert_close(x.grad, g @ wq)  # and through the activation quantiser
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_converted_model_reproduces_fake_quantised_forward(name):
+    model = tiny_model()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16))
+    prepare_qat_(model, QuantScheme.from_name(name, 32))
+    with torch.no_grad():
+        fake = model(tokens)
+        set_fake_quant_(model, False)
+        plain = model(tokens)
+        set_fake_quant_(model, True)
+    report = quantize_(model)  # the QAT convert
+    assert len(report.converted) == 9
+    assert not any(isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) for m in model.modules())
+    with torch.no_grad():
+        reference = model(tokens)
+        assert torch.equal(reference, fake)  # bit for bit on the dequantise path
+        kernels = prepare_for_inference_(model)
+        assert len(kernels.converted) == 8 and not kernels.skipped  # every Linear got a kernel
+        fast = model(tokens)
+    assert sqnr(fake, fast) > 40
+    assert not torch.equal(fake, plain)  # quantisation did something
+    assert weight_memory_bytes(model) < sum(p.numel() * 4 for p in tiny_model().parameters()) * 0.35
+
+
+def test_ptq_equals_qat_convert():
+    scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
+    a, b = tiny_model(), tiny_model()
+    prepare_qat_(a, scheme, ["output"])
+    quantize_(a)
+    quantize_(b, scheme, ["output"])  # PTQ of the same weights
+    tokens = torch.randint(0, TINY.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
+    assert not isinstance(b.output.weight, QuantizedTensor)
+
+
+def test_fake_quant_compiles_without_graph_breaks():
+    lin = FakeQuantLinear.from_linear(nn.Linear(64, 32), QuantScheme.from_name("int8_dynamic_activation_int4_weight"))
+    emb = FakeQuantEmbedding(nn.Embedding(50, 64), QuantScheme.from_name("int4_weight_only"))
+    fn = torch.compile(lambda idx: lin(emb(idx)).sum(), backend="aot_eager", fullgraph=True)
+    idx = torch.randint(0, 50, (2, 4))
+    fn(idx).backward()
+    assert lin.weight.grad is not None and emb.weight.grad is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer-facing converter
+# --------------------------------------------------------------------------------------------------
+
+
+def test_converter_on_meta_model_start_step_and_resume():
+    conv = build_qat_converter(scheme="int8_dynamic_activation_int4_weight", group_size=32, start_step=3,
+                               filter_fqns=["output"])
+    assert conv.name == "qat"
+    with torch.device("meta"):
+        model = Transformer(TINY)
+    conv.convert(model)  # on meta: no allocation, parameters kept
+    model.to_empty(device="cpu")
+    model.init_weights()
+    conv.init_buffers(model)
+    fq = [m for m in model.modules() if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))]
+    assert len(fq) == 8 and not isinstance(model.output, FakeQuantLinear)
+    conv.pre_step(model, 1)
+    assert not any(m.fake_quant_enabled for m in fq)
+    conv.pre_step(model, 3)
+    assert all(m.fake_quant_enabled for m in fq)
+    conv.post_optimizer_hook(model)
+    # a resumed run builds a fresh converter and calls pre_step with the step it resumes at
+    resumed = build_qat_converter(scheme="int8_dynamic_activation_int4_weight", group_size=32, start_step=3,
+                                  filter_fqns=["output"])
+    set_fake_quant_(model, False)
+    resumed.pre_step(model, 7)
+    assert all(m.fake_quant_enabled for m in fq)
+    conv.finalize(model)
+    assert isinstance(model.layers["0"].attention.wq.weight, QuantizedTensor)
+
+
+def test_converter_errors():
+    with pytest.raises(ValueError, match="group_size"):
+        build_qat_converter(scheme="int4_weight_only", group_size=100, start_step=0, filter_fqns=[])
+    conv = build_qat_converter(scheme="int4_weight_only", group_size=32, start_step=0,
+                               filter_fqns=["layers", "output", "tok_embeddings"])
+    with torch.device("meta"):
+        model = Transformer(TINY)
+    with pytest.raises(ValueError, match="no Linear or Embedding"):
+        conv.convert(model)

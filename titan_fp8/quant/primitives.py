@@ -1,0 +1,185 @@
+"""Quantise / dequantise math shared by QAT fake quantisation and the serving format.
+
+Everything here works on the LAST dimension of a tensor, split into groups of `group_size` elements
+(`group_size == 0`: the whole row — per-channel for a weight (N, K), per-token for activations (..., K)).
+Each group has one scale (and, for asymmetric integer formats, one zero point):
+
+    integer   q = clamp(round(x / scale) + zero_point, qmin, qmax)      x' = (q - zero_point) * scale
+    float8    q = clamp(x / scale, -448, 448).to(float8_e4m3fn)         x' = q * scale
+
+Scales are always *dequantisation* scales (x ~= q * scale), computed in fp32 from the group's range and
+rounded to the format's `scale_dtype` BEFORE x is divided by them, so the stored scale is exactly the one
+used to quantise. Dequantisation computes in fp32 and casts to the requested dtype once.
+
+QAT (`fake_quantize`) and the serving tensor (`QuantizedTensor`) call these same functions, so a converted
+model reproduces the fake-quantised forward bit for bit on the reference (dequantise) path.
+
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["QuantFormat", "pack_int4", "unpack_int4", "fake_quantize", "SCALE_EPS", "FLOAT8_MAX"]
+
+SCALE_EPS = 1e-12  # smallest scale: an all-zero group quantises to zeros instead of dividing by zero
+FLOAT8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+_KINDS = {  # kind -> (qmin, qmax, storage dtype of the unpacked values)
+    "int4": (-8, 7, torch.int8),  # symmetric range; asymmetric int4 uses [0, 15] (below)
+    "int8": (-128, 127, torch.int8),
+    "float8_e4m3": (-FLOAT8_MAX, FLOAT8_MAX, torch.float8_e4m3fn),
+}
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How one tensor is quantised along its last dimension.
+
+    kind: "int4", "int8" or "float8_e4m3". symmetric: integer formats only (float8 is always symmetric);
+    asymmetric int4 uses the unsigned range [0, 15] with a per-group zero point, asymmetric int8 the range
+    [-128, 127] with a zero point in it. group_size: elements per scale along the last dim (0 = whole row).
+    scale_dtype: storage dtype of the scales (scales are rounded to it before use).
+    """
+
+    kind: str
+    symmetric: bool = True
+    group_size: int = 0
+    scale_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"QuantFormat.kind: expected one of {', '.join(_KINDS)}, got {self.kind!r}")
+        if self.kind == "float8_e4m3" and not self.symmetric:
+            raise ValueError("QuantFormat: float8 formats are symmetric")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(f"QuantFormat.group_size: expected an integer >= 0, got {self.group_size!r}")
+
+    # -- ranges -----------------------------------------------------------------------------------------
+
+    @property
+    def is_float8(self) -> bool:
+        return self.kind == "float8_e4m3"
+
+    @property
+    def qmin(self) -> float:
+        if self.kind == "int4" and not self.symmetric:
+            return 0
+        return _KINDS[self.kind][0]
+
+    @property
+    def qmax(self) -> float:
+        if self.kind == "int4" and not self.symmetric:
+            return 15
+        return _KINDS[self.kind][1]
+
+    @property
+    def qdtype(self) -> torch.dtype:
+        """dtype of the unpacked quantised values (int4 values live in int8 until packed)."""
+        return _KINDS[self.kind][2]
+
+    def groups(self, k: int) -> int:
+        """Number of groups in a row of length k (raises if k is not a multiple of group_size)."""
+        g = self.group_size or k
+        if k % g != 0:
+            raise ValueError(f"last dimension {k} is not a multiple of group_size {g}")
+        return k // g
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        return x.reshape(*x.shape[:-1], self.groups(k), self.group_size or k)  # (..., G, group)
+
+    # -- the three functions ----------------------------------------------------------------------------
+
+    def choose_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (..., K) -> scale (..., G) in scale_dtype, zero_point (..., G) fp32 holding integers, or None."""
+        xg = self._grouped(x.detach().float())  # (..., G, group)
+        if self.symmetric:
+            amax = xg.abs().amax(dim=-1)  # (..., G)
+            # Integer: map [-amax, amax] onto [qmin, qmax] (int4: amax / 7.5, as torchao); float8: amax / 448.
+            half_range = FLOAT8_MAX if self.is_float8 else (self.qmax - self.qmin) / 2
+            scale = (amax / half_range).clamp(min=SCALE_EPS).to(self.scale_dtype)
+            return scale, None
+        lo = xg.amin(dim=-1).clamp(max=0.0)  # the range always holds 0, so 0 is exactly representable
+        hi = xg.amax(dim=-1).clamp(min=0.0)
+        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp(min=SCALE_EPS).to(self.scale_dtype)
+        zero_point = (self.qmin - torch.round(lo / scale.float())).clamp(self.qmin, self.qmax)
+        return scale, zero_point
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (..., K) -> quantised values (..., K) in `qdtype` (int4 unpacked, one value per int8)."""
+        xg = self._grouped(x.float())  # (..., G, group)
+        s = scale.float().unsqueeze(-1)  # (..., G, 1)
+        if self.is_float8:
+            return (xg / s).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(self.qdtype).reshape(x.shape)
+        q = torch.round(xg / s)
+        if zero_point is not None:
+            q = q + zero_point.float().unsqueeze(-1)
+        return q.clamp(self.qmin, self.qmax).to(self.qdtype).reshape(x.shape)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                   dtype: torch.dtype) -> torch.Tensor:
+        """Quantised values (..., K) -> (..., K) in dtype, computed in fp32."""
+        qg = self._grouped(q.float())  # (..., G, group)
+        if zero_point is not None:
+            qg = qg - zero_point.float().unsqueeze(-1)
+        return (qg * scale.float().unsqueeze(-1)).reshape(q.shape).to(dtype)
+
+    def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(x)) in x's dtype: the fake-quantised value (no gradient handling)."""
+        scale, zero_point = self.choose_qparams(x)
+        return self.dequantize(self.quantize(x, scale, zero_point), scale, zero_point, x.dtype)
+
+    def describe(self) -> str:
+        sym = "symmetric" if self.symmetric else "asymmetric"
+        gran = f"group {self.group_size}" if self.group_size else "per row"
+        return f"{self.kind} {sym}, {gran}, {str(self.scale_dtype).replace('torch.', '')} scales"
+
+
+# --------------------------------------------------------------------------------------------------
+# int4 packing: two values per byte
+# --------------------------------------------------------------------------------------------------
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit values (..., K) in [0, 15], K even -> uint8 (..., K/2); byte = u[2i] << 4 | u[2i+1].
+
+    (High nibble first: the byte order `torch._convert_weight_to_int4pack` on CUDA expects.)
+    """
+    if u.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_int4: last dimension must be even, got {u.shape[-1]}")
+    u = u.to(torch.uint8)
+    return (u[..., 0::2] << 4) | u[..., 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., K/2) -> uint8 (..., K) with values in [0, 15]; inverse of pack_int4."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4: expected uint8, got {packed.dtype}")
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake quantisation with a straight-through gradient
+# --------------------------------------------------------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """forward: dequantize(quantize(x)); backward: the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+        return fmt.quantize_dequantize(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_quantize(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Quantise and dequantise x in its own dtype; gradients pass straight through."""
+    return _StraightThrough.apply(x, fmt)
