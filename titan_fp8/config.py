@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -270,7 +271,10 @@ def _from_text(key: str, text: str, tp) -> Any:
         if base is int:
             return int(text)
         if base is float:
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):  # inf/nan would only surface as a non-finite loss steps later
+                raise ConfigError(f"--{key}: expected a finite number, got {text!r}")
+            return number
         if base is str:
             return text
         if typing.get_origin(base) is list:
@@ -297,6 +301,8 @@ def _check_toml_value(key: str, value: Any, tp) -> Any:
     elif base is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # TOML has inf and nan literals
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif base is str:
         ok = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
         value = str(value) if ok else value
@@ -353,7 +359,10 @@ def _read_toml(path: str) -> dict:
                               f"{_did_you_mean(section, SECTIONS)}")
         for key, value in table.items():
             tp = _lookup(section, key, f"{path}: ")
-            values.setdefault(section, {})[key] = _check_toml_value(f"{section}.{key}", value, tp)
+            try:
+                values.setdefault(section, {})[key] = _check_toml_value(f"{section}.{key}", value, tp)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
     return values
 
 
@@ -449,6 +458,8 @@ def validate(config: JobConfig) -> None:
         _require(c in ("float8", "qat"), "model.converters",
                  f"unknown converter {c!r}; expected float8 or qat{_did_you_mean(c, ('float8', 'qat'))}")
     if m.tokenizer_path is not None:
+        _require(not os.path.isdir(m.tokenizer_path), "model.tokenizer_path",
+                 f"{m.tokenizer_path} is a directory; expected a sentencepiece .model file")
         _require(os.path.isfile(m.tokenizer_path), "model.tokenizer_path",
                  f"file not found: {m.tokenizer_path}")
 
