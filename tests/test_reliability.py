@@ -450,6 +450,36 @@ def test_skip_step_leaves_weights_and_counts(tmp_path, repo_root, monkeypatch, r
     assert all(torch.isfinite(v).all() for v in snapshots[5].values() if v.is_floating_point())
 
 
+def _poison_steps(monkeypatch, steps: set[int]):
+    real_step = Trainer.train_step
+
+    def train_step(self, data_iter):
+        if self.train_state.step not in steps:
+            return real_step(self, data_iter)
+        handle = dict(self.model.named_parameters())[POISONED].register_hook(lambda g: g * float("nan"))
+        try:
+            return real_step(self, data_iter)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_skip_step_stops_a_diverged_run_after_max_consecutive_skips(tmp_path, repo_root, monkeypatch):
+    _poison_steps(monkeypatch, {2, 3, 4, 5})
+    with pytest.raises(NonFiniteError, match=r"step 4: .*first non-finite gradient in .*3 non-finite steps in a row "
+                                             r"exceed training.max_consecutive_skips=2: the run has diverged"):
+        run_inproc(repo_root, tmp_path, "--training.steps", "6", "--training.nonfinite_policy", "skip_step",
+                   "--training.max_consecutive_skips", "2")
+
+
+def test_a_finite_step_resets_the_consecutive_skip_count(tmp_path, repo_root, monkeypatch):
+    _poison_steps(monkeypatch, {2, 3, 5, 6})
+    trainer = run_inproc(repo_root, tmp_path, "--training.steps", "7", "--training.nonfinite_policy", "skip_step",
+                         "--training.max_consecutive_skips", "2")
+    assert trainer.train_state.step == 7 and trainer.train_state.skipped_steps == 4
+
+
 # -- delayed scaling guard, through the public float8 API ------------------------------------------------
 
 

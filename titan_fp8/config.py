@@ -101,6 +101,8 @@ class Training:
     device: str = _opt("auto", "auto (cuda if available), cuda or cpu", choices=("auto", "cuda", "cpu"))
     nonfinite_policy: str = _opt("error", "what a non-finite loss or gradient does: error or skip_step",
                                  choices=("error", "skip_step"))
+    max_consecutive_skips: int = _opt(10, "skip_step: stop with an error after this many skipped steps in a row "
+                                          "(a diverged run would otherwise skip forever); 0 = no limit")
 
 
 @dataclass(frozen=True)
@@ -463,6 +465,8 @@ def validate(config: JobConfig) -> None:
         _require(os.path.isfile(m.tokenizer_path), "model.tokenizer_path",
                  f"file not found: {m.tokenizer_path}")
 
+    _require(t.max_consecutive_skips >= 0, "training.max_consecutive_skips",
+             f"must be >= 0, got {t.max_consecutive_skips}")
     _require(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _require(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")

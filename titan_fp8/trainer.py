@@ -169,6 +169,7 @@ class Trainer:
         flops_per_token = self.model_args.num_flops_per_token(t.seq_len)
         self.throughput = ThroughputMeter(flops_per_token, peak)
         self._stop_requested = False
+        self._consecutive_skips = 0  # not checkpointed: a resumed run starts a fresh count
         self._log_startup(world_size)
 
     # -- construction helpers ----------------------------------------------------------------------------
@@ -357,6 +358,7 @@ class Trainer:
             # Checked before clipping: a nan norm would spread nan into every gradient.
             self._handle_nonfinite(total_loss, grad_norm)
             return total_loss, grad_norm
+        self._consecutive_skips = 0
         self._clip_grads(params, grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -378,7 +380,10 @@ class Trainer:
 
     def _handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         step = self.train_state.step
-        if self.config.training.nonfinite_policy == "skip_step":
+        t = self.config.training
+        self._consecutive_skips += 1
+        if t.nonfinite_policy == "skip_step" and (t.max_consecutive_skips == 0
+                                                  or self._consecutive_skips <= t.max_consecutive_skips):
             self.optimizer.zero_grad(set_to_none=True)
             self.train_state.skipped_steps += 1
             for converter in self.converters:  # delayed float8: drop this step's non-finite amaxes now
@@ -392,6 +397,9 @@ class Trainer:
                        None)
         what = f"non-finite loss {float(loss)}" if not torch.isfinite(loss) else f"grad norm {float(grad_norm)}"
         where = f"first non-finite gradient in {culprit}" if culprit else "all gradients finite on this rank"
+        if t.nonfinite_policy == "skip_step":
+            raise NonFiniteError(f"step {step}: {what}, {where}; {self._consecutive_skips} non-finite steps in a row "
+                                 f"exceed training.max_consecutive_skips={t.max_consecutive_skips}: the run has diverged")
         raise NonFiniteError(f"step {step}: {what}, {where} (set training.nonfinite_policy = \"skip_step\" "
                              "to skip such steps)")
 
