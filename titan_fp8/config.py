@@ -175,8 +175,10 @@ class QAT:
                                 "float8_dynamic"))
     group_size: int = _opt(32, "int4 group size (32, 64, 128 or 256)")
     start_step: int = _opt(0, "fake quantisation switches on at this step")
-    filter_fqns: list[str] = _opt(["output"], "Linears whose name contains any of these are not quantised",
-                                  factory=True)
+    # Empty by default, as torchao's QAT quantizers and as export.py: the serving artifact quantises the output
+    # head and the embedding too (they are 40% of the debug model), so QAT must train with them quantised.
+    filter_fqns: list[str] = _opt([], "Linears/embeddings whose name contains any of these are not quantised "
+                                      "(export.py reads this from the checkpoint)", factory=True)
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,13 @@ def read_artifact(path: str, *, device: str | torch.device = "cpu", dtype: Optio
     return config, state
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A copy in freshly allocated memory. On CPU safetensors maps the file, and a tensor's offset in it
+    depends on the header's length: the CPU int8/int4 kernels use aligned vector loads and crash
+    (SIGSEGV) on a misaligned pointer. The copy also detaches the model from later changes to the file."""
+    return t.clone() if t.device.type == "cpu" else t
+
+
 def _load_entry(f, name: str, e: dict, dtype: torch.dtype) -> torch.Tensor:
     where = f"tensor {name}"
     shape = e.get("shape")
@@ -225,7 +232,7 @@ def _load_entry(f, name: str, e: dict, dtype: torch.dtype) -> torch.Tensor:
         raise ArtifactError(f"{where}: bad shape {shape!r} in {CONFIG_FILE}")
     stored_dtype = _parse_dtype(e.get("dtype"), where)
     if e.get("kind") == "plain":
-        t = f.get_tensor(name)
+        t = _owned(f.get_tensor(name))
         if list(t.shape) != shape or t.dtype != stored_dtype:
             raise ArtifactError(f"{where}: stored {tuple(t.shape)} {t.dtype}, config says {tuple(shape)} {stored_dtype}")
         return t.to(dtype) if t.is_floating_point() else t
@@ -238,7 +245,7 @@ def _load_entry(f, name: str, e: dict, dtype: torch.dtype) -> torch.Tensor:
     if scheme.group_size != e.get("group_size") or list(e.get("block_size") or []) != [1, scheme.group_size or shape[-1]]:
         raise ArtifactError(f"{where}: group_size/block_size {e.get('group_size')}/{e.get('block_size')} do not fit "
                             f"scheme {scheme.name}")
-    fields = {fld: f.get_tensor(f"{name}.{fld}") for fld in e.get("fields", [])}
+    fields = {fld: _owned(f.get_tensor(f"{name}.{fld}")) for fld in e.get("fields", [])}
     unknown = set(fields) - {"qdata", "scale", "zero_point"}
     if unknown:
         raise ArtifactError(f"{where}: unknown fields {sorted(unknown)}")
