@@ -89,7 +89,7 @@ def test_model_module_imports_only_torch():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
-    assert imported <= {"__future__", "math", "dataclasses", "typing", "torch"}, imported
+    assert imported <= {"__future__", "contextlib", "math", "dataclasses", "typing", "torch"}, imported
 
 
 # ---------------------------------------------------------------- validation

@@ -64,3 +64,23 @@ def test_bf16_kv_cache_decode_matches_full_forward():
     # bf16: different kernels (flash vs masked, chunked) round differently; compare against logit scale
     assert (got - full).abs().max() < 0.05 * full.abs().max()
     assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.95
+
+
+def test_kv_cache_decode_never_runs_cudnn_attention():
+    # cuDNN's SDPA builds an execution plan per key length, i.e. per decoded token (~60 ms each on an H100);
+    # generation attention must stay on flash / memory-efficient / math.
+    from torch.profiler import ProfilerActivity, profile
+
+    args = dataclasses.replace(llama3_flavors["debugmodel"], vocab_size=512)
+    model = build(args).eval()
+    tokens = torch.randint(0, 512, (1, 16), device="cuda")
+    with torch.no_grad():
+        cache = model.make_kv_cache(batch_size=1, max_seq_len=32)
+        model(tokens[:, :8], kv_cache=cache)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(8, 16):
+                model(tokens[:, i:i + 1], start_pos=i, kv_cache=cache)
+            torch.cuda.synchronize()
+    names = [e.key.lower() for e in prof.key_averages()]
+    assert names, "the profiler saw no CUDA kernels"
+    assert not [n for n in names if "cudnn" in n], [n for n in names if "cudnn" in n]

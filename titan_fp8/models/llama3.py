@@ -19,6 +19,7 @@ This module imports only torch: never the trainer or config modules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "ModelArgs",
@@ -260,6 +262,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+def _no_cudnn_attention(q: torch.Tensor):
+    """Keep KV-cache attention off cuDNN's SDPA backend on CUDA. cuDNN builds an execution plan for each
+    new key length, and decoding grows the key length by one every token: on an H100 (torch 2.11) that
+    plan build made each decoded token of the debug model take ~60 ms instead of ~1 ms. Flash,
+    memory-efficient and math attention have no per-shape setup."""
+    if q.device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class KVCache:
     """Keys and values of past positions for every layer, for token-by-token decoding.
 
@@ -314,7 +326,8 @@ class Attention(nn.Module):
             if T > 1:  # query i sits at position start_pos + i and sees keys 0..start_pos + i
                 S = k.shape[2]
                 mask = torch.arange(S, device=q.device)[None, :] <= start_pos + torch.arange(T, device=q.device)[:, None]  # (T, S)
-            y = sdpa(q, k, v, mask=mask)
+            with _no_cudnn_attention(q):
+                y = sdpa(q, k, v, mask=mask)
         # y: (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * Dh)
         return self.wo(y)  # (B, T, D)
