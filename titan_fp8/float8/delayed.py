@@ -126,18 +126,25 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group=None) -> 
     for (_, _, _, _, float8_dtype), idx in groups.items():
         config = entries[idx[0]][0].config
         histories = torch.stack([getattr(entries[i][0], history_buffer_name(entries[i][1])) for i in idx])
-        # A module's first sync starts a fresh history (whatever the buffers held before).
-        fresh = torch.tensor([not entries[i][0].float8_amax_initialized for i in idx], device=histories.device)
-        histories = torch.where(fresh.unsqueeze(1), torch.zeros_like(histories), histories)
+        # A module's first sync starts a fresh history (whatever the buffers held before). Only then is a
+        # mask built: a host-to-device copy every step would stall the CPU on the GPU's queue.
+        fresh = [not entries[i][0].float8_amax_initialized for i in idx]
+        if any(fresh):
+            fresh_mask = torch.tensor(fresh).to(histories.device)
+            histories = torch.where(fresh_mask.unsqueeze(1), torch.zeros_like(histories), histories)
         new = amaxes[idx].unsqueeze(1)
         rolled = torch.cat([new, histories[:, :-1]], dim=1)
         histories = torch.where(valid[idx].unsqueeze(1), rolled, histories)
         scales = scale_from_history(histories, float8_dtype, config)
-        for j, i in enumerate(idx):
-            module, op = entries[i]
-            # Consumed: the next step measures afresh (and every rank holds the same state).
-            getattr(module, amax_buffer_name(op)).fill_(_INVALID_AMAX)
-            getattr(module, history_buffer_name(op)).copy_(histories[j])
-            getattr(module, scale_buffer_name(op)).copy_(scales[j])
+        # One multi-tensor copy per buffer kind, not three small kernels per operand (an 8B layer has 21
+        # delayed operands; per-operand copies cost ~250 launches per step for 4 layers).
+        amax_bufs = [getattr(entries[i][0], amax_buffer_name(entries[i][1])) for i in idx]
+        consumed = torch.full((len(idx),), _INVALID_AMAX, dtype=amaxes.dtype, device=amaxes.device)
+        # Consumed: the next step measures afresh (and every rank holds the same state).
+        torch._foreach_copy_(amax_bufs, list(consumed.unbind(0)))
+        torch._foreach_copy_([getattr(entries[i][0], history_buffer_name(entries[i][1])) for i in idx],
+                             list(histories.unbind(0)))
+        torch._foreach_copy_([getattr(entries[i][0], scale_buffer_name(entries[i][1])) for i in idx],
+                             list(scales.unbind(0)))
     for module, _ in entries:
         module.float8_amax_initialized = True
