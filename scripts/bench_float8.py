@@ -152,23 +152,28 @@ def device_name() -> str:
 
 
 def bench_ms(fn: Callable[[], None], warmup: int = 5, iters: int = 20) -> float:
-    """Median CUDA-event time of fn() in ms."""
+    """Median time of one fn() in ms. On CUDA the iterations run back to back, as in training: the CPU
+    queues iteration i+1 while the GPU runs iteration i, and a CUDA event pair around each iteration
+    measures the GPU stream's time for it, idle gaps included (a CPU-bound variant still shows up);
+    one synchronize at the end. (A synchronize after every iteration would add each variant's CPU
+    launch latency before its first kernel, which a training loop never waits for.)"""
     for _ in range(warmup):
         fn()
     sync()
-    times = []
-    for _ in range(iters):
-        if DEVICE != "cuda":
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(iters):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+    else:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times = [start.elapsed_time(end) for start, end in events]
     times.sort()
     return times[len(times) // 2]
 
@@ -203,12 +208,17 @@ def _kernel_class(name: str) -> str:
     low = name.lower()
     if any(k in name for k in _OUR_KERNELS):
         return "our_casts"
+    # Inductor names a kernel after the ops it came from, so a layout copy or cast that inductor inserts
+    # for a `_scaled_mm` operand is called "triton_poi_fused__scaled_mm_..": test for inductor before the
+    # GEMM markers (only its GEMM templates, "triton_tem_", are GEMMs).
+    if low.startswith("triton_tem"):
+        return "gemm"
+    if low.startswith("triton"):
+        return "inductor"
     if "flash" in low or "fmha" in low or "attention" in low:
         return "attention"
     if any(k in low for k in _GEMM_MARKERS):
         return "gemm"
-    if low.startswith("triton_") or low.startswith("triton"):
-        return "inductor"
     return "other"
 
 
@@ -225,18 +235,33 @@ def profile_breakdown(fn: Callable[[], None]) -> dict:
             torch.cuda.synchronize()
         out = {"gemm": 0.0, "our_casts": 0.0, "inductor": 0.0, "attention": 0.0, "other": 0.0}
         kernels = 0
+        per_kernel = []
         for evt in prof.key_averages():
             if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
                 continue
             us = getattr(evt, "self_device_time_total", None)
             if us is None:
                 us = getattr(evt, "self_cuda_time_total", 0.0)
-            out[_kernel_class(evt.key)] += us / 1e3
+            cls = _kernel_class(evt.key)
+            out[cls] += us / 1e3
             kernels += evt.count
+            per_kernel.append({"name": evt.key[:160], "class": cls, "count": evt.count, "ms": us / 1e3})
         out["kernels"] = kernels
+        # Every kernel by time: the JSON keeps all of them, --top_kernels prints the largest.
+        out["per_kernel"] = sorted(per_kernel, key=lambda k: -k["ms"])
         return out
     except Exception as e:  # never let profiling cost the measurement
         return {"error": repr(e)[:200]}
+
+
+TOP_KERNELS = 0  # --top_kernels
+
+
+def print_top_kernels(b: Optional[dict]) -> None:
+    if TOP_KERNELS <= 0 or not b or "per_kernel" not in b:
+        return
+    for k in b["per_kernel"][:TOP_KERNELS]:
+        print(f"      {k['ms']:8.2f} ms {k['count']:4d}x  {k['class']:<9} {k['name'][:110]}", flush=True)
 
 
 def fmt_breakdown(b: Optional[dict]) -> str:
@@ -366,6 +391,7 @@ def bench_linear(m: int, variants: list[Variant], with_ao: bool, budget: Budget,
                    f", {r['gib']:.2f} GiB, sqnr out/gx/gw {r.get('sqnr', '')}" if "ms" in r else str(r))
             print(f"[{budget.elapsed():5.0f}s] {key} {v.name}: {msg} ({r['wall_s']:.0f}s) "
                   f"{fmt_breakdown(r.get('profile'))}", flush=True)
+            print_top_kernels(r.get("profile"))
             dump_partial()
 
     # +filter variants: bf16's result where the filter keeps the shape in bf16, else the base variant's.
@@ -488,6 +514,7 @@ def bench_e2e(a, variants: list[Variant], with_ao: bool, budget: Budget, partial
             r["tok_s"] = step_tokens / r["ms"] * 1e3
             print(f"[{budget.elapsed():5.0f}s] e2e {v.name}: {r['ms']:.1f} ms/step, {r['tok_s']:,.0f} tok/s, "
                   f"{r['gib']:.1f} GiB, compile {r['compile_s']:.0f}s; {fmt_breakdown(r.get('profile'))}", flush=True)
+            print_top_kernels(r.get("profile"))
         else:
             print(f"[{budget.elapsed():5.0f}s] e2e {v.name}: {r}", flush=True)
         dump_partial()
@@ -625,6 +652,8 @@ def main() -> int:
     p.add_argument("mode", choices=("linear", "e2e"))
     p.add_argument("--variants", default=None, help="comma-separated (see above); default depends on mode")
     p.add_argument("--m", type=int, default=16384, help="linear: tokens")
+    p.add_argument("--shapes", default=None, help="linear: comma-separated KxN (default: the five shapes above); "
+                   "the first one is profiled")
     p.add_argument("--iters", type=int, default=20, help="linear: timed iterations per measurement")
     p.add_argument("--flavor", default="8B")
     p.add_argument("--n_layers", type=int, default=4)
@@ -638,20 +667,30 @@ def main() -> int:
                         "(default: linear 480, e2e 360: one e2e variant takes about a minute)")
     p.add_argument("--no_profile", dest="profile", action="store_false", help="skip the per-variant kernel breakdown")
     p.add_argument("--no_torchao", action="store_true")
+    p.add_argument("--top_kernels", type=int, default=0, help="print the N longest kernels of each profiled variant")
     p.add_argument("--json", default=None, help="default: $OUT/bench_float8_<mode>.json when $OUT is set")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: --smoke)")
     p.add_argument("--smoke", action="store_true",
                    help="functional dry run on CPU with tiny shapes (checks this script, measures nothing)")
     a = p.parse_args()
-    global DEVICE, LINEAR_SHAPES, COMPILE_BACKEND
+    global DEVICE, LINEAR_SHAPES, COMPILE_BACKEND, TOP_KERNELS
     COMPILE_BACKEND = a.compile_backend
+    TOP_KERNELS = a.top_kernels
     if a.smoke:
         DEVICE = "cpu"
         COMPILE_BACKEND = "aot_eager" if a.compile_backend == "inductor" else a.compile_backend
         LINEAR_SHAPES = tuple((k // 64, n // 64) for k, n in LINEAR_SHAPES)
         a.m, a.iters, a.flavor, a.n_layers, a.batch, a.seq_len, a.vocab, a.steps = 64, 2, "debugmodel", 1, 1, 64, 512, 2
         a.no_torchao = True
-    elif not torch.cuda.is_available():
+    elif a.shapes:
+        try:
+            LINEAR_SHAPES = tuple(tuple(int(d) for d in sh.lower().split("x")) for sh in a.shapes.split(","))
+            assert all(len(sh) == 2 for sh in LINEAR_SHAPES)
+        except (ValueError, AssertionError):
+            print(f"error: --shapes {a.shapes!r}: expected comma-separated KxN, e.g. 4096x4096,8192x8192",
+                  file=sys.stderr)
+            return 2
+    if not a.smoke and not torch.cuda.is_available():
         print("error: bench_float8.py needs a CUDA GPU (or --smoke for a CPU dry run)", file=sys.stderr)
         return 2
     budget = Budget(a.budget_s if a.budget_s is not None else {"linear": 480.0, "e2e": 360.0}[a.mode])
