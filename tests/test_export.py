@@ -5,6 +5,7 @@ shared by the module.
 """
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from titan_fp8.config import load_config
+from titan_fp8.data import build_dataloader, build_tokenizer
 from titan_fp8.quant import (QuantizedTensor, QuantScheme, install_state_, prepare_qat_, quantize_, read_artifact,
                              save_artifact)
 from titan_fp8.trainer import Trainer
@@ -295,3 +297,36 @@ def test_cli_export_then_generate(qat_run, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "generate.py"), "--artifact", str(tmp_path),
                         "--prompt", "x"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/qat_compare.py (torchao's arm is skipped here: torchao is not a test dependency)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_qat_compare_arms(qat_run, tmp_path, capsys):
+    qat_compare = _script("qat_compare")
+    common = ["--checkpoint", str(qat_run), "--seq_len", "64", "--local_batch_size", "4", "--group_size", "32",
+              "--warmup_batches", "1", "--no_torchao"]
+    # No steps: the fp32 arm is the checkpoint and the QAT arm is exactly the PTQ model.
+    assert qat_compare.main(common + ["--steps", "0", "--json", str(tmp_path / "r0.json")]) == 0
+    r0 = json.loads((tmp_path / "r0.json").read_text())
+    arm0 = r0["arms"]["titan_fp8"]
+    assert arm0["qat_loss"] == arm0["ptq_loss"] and arm0["recovery"] == 0.0
+    assert r0["arms"]["torchao"] == {"skipped": "--no_torchao"}
+    base, _ = export_script.load_checkpoint(str(qat_run))
+    val = list(build_dataloader(dataset="stdlib", dataset_path=None, tokenizer=build_tokenizer(None, vocab_size=4096),
+                                seq_len=64, local_batch_size=4, split="validation", infinite=False))
+    assert r0["arms"]["fp32"]["loss"] == qat_compare.heldout_loss(base, val, torch.device("cpu"))
+    assert arm0["ptq_loss"] > r0["arms"]["fp32"]["loss"]  # int4 costs something
+    # Two steps: both arms train (their losses move) and the recovery is computed from them.
+    assert qat_compare.main(common + ["--steps", "2", "--json", str(tmp_path / "r2.json")]) == 0
+    r2 = json.loads((tmp_path / "r2.json").read_text())
+    arm2 = r2["arms"]["titan_fp8"]
+    assert r2["arms"]["fp32"]["loss"] != r0["arms"]["fp32"]["loss"] and arm2["qat_loss"] != arm0["qat_loss"]
+    gap = arm2["ptq_loss"] - r2["arms"]["fp32"]["loss"]
+    assert math.isclose(arm2["recovery"], (arm2["ptq_loss"] - arm2["qat_loss"]) / gap, rel_tol=1e-12)
+    capsys.readouterr()
+    assert qat_compare.main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]

@@ -1,0 +1,196 @@
+"""QAT side by side with torchao's QAT: same checkpoint, same batches, same optimizer, held-out loss.
+
+Every arm starts from the checkpoint's weights with a fresh AdamW (its moments first filled from
+--warmup_batches training batches at lr 0, identical for every arm), then trains --steps steps on the
+same training batches (the ones after the checkpoint's step) at --lr, constant or decaying linearly to
+--final_lr:
+
+  fp32       plain fine-tune. PTQ = its final weights fake-quantised in titan_fp8's format (and in
+             torchao's, when torchao is importable)
+  titan_fp8  QAT with titan_fp8.quant.prepare_qat_ (what `train.py --qat.enable` runs; every Linear, the
+             output head and the token embedding). Its fake-quantised forward is the exported artifact's
+             reference path bit for bit (tests/test_export.py)
+  torchao    torchao's Int8DynActInt4WeightQATQuantizer (every Linear) + Int4WeightOnlyEmbeddingQATQuantizer
+             (when torchao is importable: `pip install -e .[bench]`)
+
+Recovery of a QAT arm = (PTQ - QAT) / (PTQ - fp32) on held-out loss, against the PTQ of its own
+library's format (the formats agree: int4 symmetric per group, scale = amax / 7.5, int8 asymmetric
+per-token activations; titan_fp8 stores bf16 scales, torchao fp32). Scheme: 8da4w only (the one both have).
+This is a fine-tuning comparison in its own small loop (no FSDP, no compile); scripts/qat_experiment.py is
+the trainer-driven mid-run experiment.
+
+    python scripts/qat_compare.py --checkpoint W/baseline/checkpoint/step-600 --steps 200 --lr 3e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SCHEME = "int8_dynamic_activation_int4_weight"
+
+
+def torchao_prepare(group_size: int):
+    """A function that applies torchao's 8da4w QAT fake quantisation to a model, or None without torchao."""
+    try:
+        from torchao.quantization.qat import Int4WeightOnlyEmbeddingQATQuantizer, Int8DynActInt4WeightQATQuantizer
+    except Exception:  # torchao absent or not importable with this torch
+        return None
+
+    def prepare(model):
+        Int8DynActInt4WeightQATQuantizer(groupsize=group_size).prepare(model)
+        Int4WeightOnlyEmbeddingQATQuantizer(group_size=group_size).prepare(model)
+        return model
+
+    return prepare
+
+
+@torch.no_grad()
+def heldout_loss(model, batches, device) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        total += float(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum"))
+        n += y.numel()
+    model.train()
+    return total / n
+
+
+def fine_tune(model, train_batches, warm_batches, *, lr: float, final_lr: float, weight_decay: float, max_norm: float,
+              device) -> float:
+    """Train in place; returns seconds. Same optimizer and clipping as configs/debug.toml's trainer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+
+    def step(x, y, step_lr):
+        for group in opt.param_groups:
+            group["lr"] = step_lr
+        loss = F.cross_entropy(model(x.to(device)).flatten(0, 1).float(), y.to(device).flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for x, y in warm_batches:  # lr 0: fills Adam's moments, changes no weight
+        step(x, y, 0.0)
+    t0 = time.perf_counter()
+    n = len(train_batches)
+    for i, (x, y) in enumerate(train_batches):
+        step(x, y, lr + (final_lr - lr) * (i / (n - 1) if n > 1 else 0.0))
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint folder (step-N or step-N-model)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of every arm at the first step")
+    p.add_argument("--final_lr", type=float, default=None,
+                   help="linear decay from --lr to this at the last step (default: constant --lr)")
+    p.add_argument("--group_size", type=int, default=256, choices=(32, 64, 128, 256))
+    p.add_argument("--local_batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--warmup_batches", type=int, default=10)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--max_norm", type=float, default=1.0)
+    p.add_argument("--data_offset", type=int, default=0,
+                   help="skip this many more training batches (repeats on other data)")
+    p.add_argument("--dataset", default="stdlib")
+    p.add_argument("--dataset_path", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no_torchao", action="store_true")
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args(argv)
+    final_lr = a.lr if a.final_lr is None else a.final_lr
+    if min(a.steps, a.warmup_batches, a.data_offset, a.lr, final_lr) < 0:
+        print("error: --steps, --warmup_batches, --data_offset, --lr and --final_lr must be >= 0", file=sys.stderr)
+        return 2
+
+    import export as export_script
+
+    from titan_fp8.data import build_dataloader
+    from titan_fp8.quant import QuantScheme, prepare_qat_
+
+    try:
+        base, manifest = export_script.load_checkpoint(a.checkpoint)
+        tok, _ = export_script.resolve_tokenizer(None, None, manifest, base.args.vocab_size)
+    except (export_script.ExportError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(a.device)
+    base = base.to(device)
+    base.rope_cache = base.rope_cache.to(device)
+    scheme = QuantScheme.from_name(SCHEME, group_size=a.group_size)
+    ao_prepare = None if a.no_torchao else torchao_prepare(a.group_size)
+
+    def data(split, infinite):
+        return build_dataloader(dataset=a.dataset, dataset_path=a.dataset_path, tokenizer=tok, seq_len=a.seq_len,
+                                local_batch_size=a.local_batch_size, split=split, infinite=infinite)
+
+    start = int(manifest.get("step", 0)) + a.data_offset  # continue the data where the checkpoint stopped
+    it = iter(data("train", True))
+    batches = [next(it) for _ in range(start + a.warmup_batches + a.steps)][start:]
+    warm, train = batches[:a.warmup_batches], batches[a.warmup_batches:]
+    val = list(data("validation", False))
+
+    def arm(prepare):
+        model = copy.deepcopy(base)
+        if prepare is not None:
+            prepare(model)
+        secs = fine_tune(model, train, warm, lr=a.lr, final_lr=final_lr, weight_decay=a.weight_decay,
+                         max_norm=a.max_norm, device=device)
+        return model, secs
+
+    res = {"checkpoint": a.checkpoint, "first_batch": start, "steps": a.steps, "lr": a.lr, "final_lr": final_lr,
+           "group_size": a.group_size,
+           "scheme": SCHEME, "heldout_tokens": sum(y.numel() for _, y in val), "torch": torch.__version__,
+           "device": str(device), "arms": {}}
+    model, secs = arm(None)
+    fp32 = heldout_loss(model, val, device)
+    res["arms"]["fp32"] = {"loss": fp32, "seconds": secs}
+    ptq = {"titan_fp8": heldout_loss(_fake_quantised(model, lambda m: prepare_qat_(m, scheme)), val, device)}
+    if ao_prepare is not None:
+        ptq["torchao"] = heldout_loss(_fake_quantised(model, ao_prepare), val, device)
+    print(f"[qat_compare] fp32 fine-tune: {fp32:.4f}; PTQ " + ", ".join(f"{k} {v:.4f}" for k, v in ptq.items()),
+          flush=True)
+    for name, prepare in (("titan_fp8", lambda m: prepare_qat_(m, scheme)), ("torchao", ao_prepare)):
+        if prepare is None:
+            res["arms"][name] = {"skipped": "torchao not importable" if not a.no_torchao else "--no_torchao"}
+            continue
+        model, secs = arm(prepare)
+        qat = heldout_loss(model, val, device)
+        gap = ptq[name] - fp32
+        rec = (ptq[name] - qat) / gap if gap > 0 else float("nan")
+        res["arms"][name] = {"ptq_loss": ptq[name], "qat_loss": qat, "recovery": rec, "seconds": secs,
+                             "ptq_ppl": math.exp(ptq[name]), "qat_ppl": math.exp(qat)}
+        print(f"[qat_compare] {name}: PTQ {ptq[name]:.4f}, QAT {qat:.4f}: recovers {rec:.0%} of PTQ's degradation "
+              f"({secs:.0f} s)", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+def _fake_quantised(model, prepare):
+    """A copy of model with fake quantisation applied (in place): the PTQ model of that library's format."""
+    quantised = copy.deepcopy(model)
+    prepare(quantised)
+    return quantised
+
+
+if __name__ == "__main__":
+    sys.exit(main())
