@@ -114,7 +114,9 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group=None) -> 
     amaxes = torch.where(torch.isfinite(amaxes), amaxes, torch.full_like(amaxes, _INVALID_AMAX))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
         dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=process_group)
-    valid = amaxes >= 0
+    # Per entry as 0-d views: indexing a CUDA tensor with a Python list of indices would copy the list
+    # to the GPU from pageable memory, i.e. stall the CPU until the GPU has drained its queue.
+    amax_rows = amaxes.unbind(0)
 
     # Batch the history/scale arithmetic over entries that share the settings it depends on.
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -132,9 +134,9 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group=None) -> 
         if any(fresh):
             fresh_mask = torch.tensor(fresh).to(histories.device)
             histories = torch.where(fresh_mask.unsqueeze(1), torch.zeros_like(histories), histories)
-        new = amaxes[idx].unsqueeze(1)
+        new = torch.stack([amax_rows[i] for i in idx]).unsqueeze(1)  # (n, 1)
         rolled = torch.cat([new, histories[:, :-1]], dim=1)
-        histories = torch.where(valid[idx].unsqueeze(1), rolled, histories)
+        histories = torch.where(new >= 0, rolled, histories)  # invalid (skipped) amaxes were set < 0
         scales = scale_from_history(histories, float8_dtype, config)
         # One multi-tensor copy per buffer kind, not three small kernels per operand (an 8B layer has 21
         # delayed operands; per-operand copies cost ~250 launches per step for 4 layers).
