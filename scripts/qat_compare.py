@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from qat_experiment import heldout_loss  # noqa: E402
+
 SCHEME = "int8_dynamic_activation_int4_weight"
 
 
@@ -56,18 +58,6 @@ def torchao_prepare(group_size: int):
         return model
 
     return prepare
-
-
-@torch.no_grad()
-def heldout_loss(model, batches, device) -> float:
-    model.eval()
-    total, n = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        total += float(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum"))
-        n += y.numel()
-    model.train()
-    return total / n
 
 
 def fine_tune(model, train_batches, warm_batches, *, lr: float, final_lr: float, weight_decay: float, max_norm: float,
@@ -135,6 +125,7 @@ def main(argv=None) -> int:
     base = base.to(device)
     base.rope_cache = base.rope_cache.to(device)
     scheme = QuantScheme.from_name(SCHEME, group_size=a.group_size)
+    ours_prepare = lambda m: prepare_qat_(m, scheme)  # noqa: E731
     ao_prepare = None if a.no_torchao else torchao_prepare(a.group_size)
 
     def data(split, infinite):
@@ -156,18 +147,17 @@ def main(argv=None) -> int:
         return model, secs
 
     res = {"checkpoint": a.checkpoint, "first_batch": start, "steps": a.steps, "lr": a.lr, "final_lr": final_lr,
-           "group_size": a.group_size,
-           "scheme": SCHEME, "heldout_tokens": sum(y.numel() for _, y in val), "torch": torch.__version__,
+           "group_size": a.group_size, "scheme": SCHEME, "heldout_tokens": sum(y.numel() for _, y in val), "torch": torch.__version__,
            "device": str(device), "arms": {}}
     model, secs = arm(None)
     fp32 = heldout_loss(model, val, device)
     res["arms"]["fp32"] = {"loss": fp32, "seconds": secs}
-    ptq = {"titan_fp8": heldout_loss(_fake_quantised(model, lambda m: prepare_qat_(m, scheme)), val, device)}
+    ptq = {"titan_fp8": heldout_loss(_fake_quantised(model, ours_prepare), val, device)}
     if ao_prepare is not None:
         ptq["torchao"] = heldout_loss(_fake_quantised(model, ao_prepare), val, device)
     print(f"[qat_compare] fp32 fine-tune: {fp32:.4f}; PTQ " + ", ".join(f"{k} {v:.4f}" for k, v in ptq.items()),
           flush=True)
-    for name, prepare in (("titan_fp8", lambda m: prepare_qat_(m, scheme)), ("torchao", ao_prepare)):
+    for name, prepare in (("titan_fp8", ours_prepare), ("torchao", ao_prepare)):
         if prepare is None:
             res["arms"][name] = {"skipped": "torchao not importable" if not a.no_torchao else "--no_torchao"}
             continue

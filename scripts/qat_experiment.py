@@ -49,10 +49,13 @@ def train(workdir: str, name: str, steps: int, extra: list[str]) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(model, batches) -> float:
+def heldout_loss(model, batches, device=None) -> float:
+    """Mean next-token cross-entropy of model over batches (moved to device when given)."""
     model.eval()
     total, n = 0.0, 0
     for x, y in batches:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
         logits = model(x)
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
         n += y.numel()

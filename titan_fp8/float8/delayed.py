@@ -127,10 +127,12 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group=None) -> 
         groups[key].append(i)
     for (_, _, _, _, float8_dtype), idx in groups.items():
         config = entries[idx[0]][0].config
-        histories = torch.stack([getattr(entries[i][0], history_buffer_name(entries[i][1])) for i in idx])
+        members = [entries[i] for i in idx]
+        history_bufs = [getattr(m, history_buffer_name(op)) for m, op in members]
+        histories = torch.stack(history_bufs)
         # A module's first sync starts a fresh history (whatever the buffers held before). Only then is a
         # mask built: a host-to-device copy every step would stall the CPU on the GPU's queue.
-        fresh = [not entries[i][0].float8_amax_initialized for i in idx]
+        fresh = [not m.float8_amax_initialized for m, _ in members]
         if any(fresh):
             fresh_mask = torch.tensor(fresh).to(histories.device)
             histories = torch.where(fresh_mask.unsqueeze(1), torch.zeros_like(histories), histories)
@@ -140,13 +142,10 @@ def sync_float8_amax_and_scale_history(model: nn.Module, process_group=None) -> 
         scales = scale_from_history(histories, float8_dtype, config)
         # One multi-tensor copy per buffer kind, not three small kernels per operand (an 8B layer has 21
         # delayed operands; per-operand copies cost ~250 launches per step for 4 layers).
-        amax_bufs = [getattr(entries[i][0], amax_buffer_name(entries[i][1])) for i in idx]
         consumed = torch.full((len(idx),), _INVALID_AMAX, dtype=amaxes.dtype, device=amaxes.device)
         # Consumed: the next step measures afresh (and every rank holds the same state).
-        torch._foreach_copy_(amax_bufs, list(consumed.unbind(0)))
-        torch._foreach_copy_([getattr(entries[i][0], history_buffer_name(entries[i][1])) for i in idx],
-                             list(histories.unbind(0)))
-        torch._foreach_copy_([getattr(entries[i][0], scale_buffer_name(entries[i][1])) for i in idx],
-                             list(scales.unbind(0)))
+        torch._foreach_copy_([getattr(m, amax_buffer_name(op)) for m, op in members], list(consumed.unbind(0)))
+        torch._foreach_copy_(history_bufs, list(histories.unbind(0)))
+        torch._foreach_copy_([getattr(m, scale_buffer_name(op)) for m, op in members], list(scales.unbind(0)))
     for module, _ in entries:
         module.float8_amax_initialized = True
