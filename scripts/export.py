@@ -8,7 +8,9 @@ float8_dynamic. Quantised: every Linear (the output head included) and the token
 matches none of --filter_fqns (default: none, as a QAT run with `--qat.filter_fqns ""`). Weights are
 quantised from the checkpoint's full-precision weights, with the same functions QAT fake-quantises with,
 so exporting a QAT checkpoint with its QAT scheme, group size and filter reproduces its fake-quantised
-forward. Norm weights stay in --dtype (bfloat16).
+forward. A QAT run with `--qat.range_learning` saved its learned scales: exported with its QAT scheme and
+group size, each module uses them (modules without one: the weight's range). Norm weights stay in --dtype
+(bfloat16).
 
 The checkpoint is a `step-N/` folder (its manifest.json holds the model args) or the final
 `step-N-model/` (the args are read from a sibling `step-*/manifest.json`). The tokenizer: --tokenizer
@@ -36,8 +38,8 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from titan_fp8.quant import (SCHEMES, ArtifactError, QuantizedTensor, QuantScheme, quantize_,  # noqa: E402
-                             save_artifact)
+from titan_fp8.quant import (LEARNED_SCALE_NAME, SCHEMES, ArtifactError, QuantizedTensor,  # noqa: E402
+                             QuantScheme, prepare_qat_, quantize_, save_artifact)
 
 EXPORT_SCHEMES = ("bf16",) + SCHEMES
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -90,8 +92,12 @@ def build_model(model_args: dict, device: str | torch.device = "meta"):
         return Transformer(args)
 
 
-def load_checkpoint(checkpoint: str):
-    """(model in fp32 on CPU with the checkpoint's weights, manifest)."""
+def load_checkpoint(checkpoint: str, prepare=None):
+    """(model in fp32 on CPU with the checkpoint's weights, manifest).
+
+    prepare(model): runs on the built model before loading (e.g. QAT prepare with range learning, so that
+    the learned scales load too). Learned scales the checkpoint lacks stay zero (= use the weight's range).
+    """
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -102,8 +108,17 @@ def load_checkpoint(checkpoint: str):
 
     manifest = read_manifest(checkpoint)
     model = build_model(manifest["model_args"])
+    if prepare is not None:
+        prepare(model)
     model.to_empty(device="cpu")
     state = model.state_dict()
+    learned = [k for k in state if k.endswith("." + LEARNED_SCALE_NAME)]
+    if learned:
+        with torch.no_grad():
+            for k in learned:
+                state[k].zero_()
+        saved = _saved_model_keys(checkpoint)
+        state = {k: v for k, v in state.items() if k in saved or k not in learned}
     try:
         dcp.load({"model": state}, checkpoint_id=checkpoint)
     except Exception as e:  # DCP raises deep errors (missing keys, shapes, truncated files)
@@ -111,6 +126,16 @@ def load_checkpoint(checkpoint: str):
         raise ExportError(f"{checkpoint}: cannot load the model weights ({lines[-1] if lines else type(e).__name__})") from None
     model.rope_cache = precompute_rope_cache(model.args)
     return model.eval(), manifest
+
+
+def _saved_model_keys(checkpoint: str) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ExportError(f"{checkpoint}: cannot read the DCP metadata ({type(e).__name__})") from None
+    return {k[len("model."):] for k in keys if k.startswith("model.")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,20 +181,27 @@ def export(checkpoint: str, scheme: str, output: str, *, group_size: int | None 
             raise ExportError(f"--output {output} exists and is not empty (pass --overwrite)")
         shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
     torch_dtype = _DTYPES[dtype]
-    model, manifest = load_checkpoint(checkpoint)
+    manifest = read_manifest(checkpoint)
     qat = manifest.get("qat") if isinstance(manifest.get("qat"), dict) else {}
     if group_size is None:
         group_size = int(qat.get("group_size", 32))
     if filter_fqns is None:
         filter_fqns = list(qat.get("filter_fqns", []))
-    tok, tok_info = resolve_tokenizer(tokenizer, tokenizer_vocab_size, manifest, model.args.vocab_size)
-
-    report, stored_group = None, 0
+    qscheme = None
     if scheme != "bf16":
         try:
             qscheme = QuantScheme.from_name(scheme, group_size)
         except ValueError as e:
             raise ExportError(f"--group_size: {e}") from None
+    # Learned scales belong to the QAT run's scheme and group size; any other export quantises from ranges.
+    learned = (qscheme is not None and bool(qat.get("range_learning")) and qat.get("scheme") == scheme
+               and qscheme.group_size in (0, qat.get("group_size")))
+    prepare = (lambda m: prepare_qat_(m, qscheme, filter_fqns, range_learning=True)) if learned else None
+    model, manifest = load_checkpoint(checkpoint, prepare)
+    tok, tok_info = resolve_tokenizer(tokenizer, tokenizer_vocab_size, manifest, model.args.vocab_size)
+
+    report, stored_group = None, 0
+    if qscheme is not None:
         stored_group = qscheme.group_size  # 0 for the per-channel schemes
         report = quantize_(model, qscheme, filter_fqns, dtype=torch_dtype)
         if not report.converted:

@@ -10,6 +10,9 @@ same training batches (the ones after the checkpoint's step) at --lr, constant o
   titan_fp8  QAT with titan_fp8.quant.prepare_qat_ (what `train.py --qat.enable` runs; every Linear, the
              output head and the token embedding). Its fake-quantised forward is the exported artifact's
              reference path bit for bit (tests/test_export.py)
+  titan_fp8_range_learning
+             the same with learned per-group weight scales (`--qat.range_learning`): they start at the
+             weights' ranges and train (LSQ gradient) at --scale_lr_ratio x the lr, without weight decay
   torchao    torchao's Int8DynActInt4WeightQATQuantizer (every Linear) + Int4WeightOnlyEmbeddingQATQuantizer
              (when torchao is importable: `pip install -e .[bench]`)
 
@@ -61,14 +64,19 @@ def torchao_prepare(group_size: int):
 
 
 def fine_tune(model, train_batches, warm_batches, *, lr: float, final_lr: float, weight_decay: float, max_norm: float,
-              device) -> float:
-    """Train in place; returns seconds. Same optimizer and clipping as configs/debug.toml's trainer."""
+              scale_lr_ratio: float, device) -> float:
+    """Train in place; returns seconds. Same optimizer, parameter groups and clipping as the trainer."""
+    from titan_fp8.optim import build_optimizer
+    from titan_fp8.quant import LEARNED_SCALE_NAME
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    opt = build_optimizer(model, name="AdamW", lr=1.0, eps=1e-8, weight_decay=weight_decay, betas=(0.9, 0.95),
+                          implementation="foreach", lr_ratio_by_suffix={LEARNED_SCALE_NAME: scale_lr_ratio})
+    ratios = [group["lr"] for group in opt.param_groups]  # built at lr 1: each group's lr ratio
 
     def step(x, y, step_lr):
-        for group in opt.param_groups:
-            group["lr"] = step_lr
+        for group, ratio in zip(opt.param_groups, ratios):
+            group["lr"] = step_lr * ratio
         loss = F.cross_entropy(model(x.to(device)).flatten(0, 1).float(), y.to(device).flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -97,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup_batches", type=int, default=10)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--max_norm", type=float, default=1.0)
+    p.add_argument("--scale_lr_ratio", type=float, default=0.3,
+                   help="learned scales' lr / the lr (titan_fp8_range_learning arm; as --qat.scale_lr_ratio)")
     p.add_argument("--data_offset", type=int, default=0,
                    help="skip this many more training batches (repeats on other data)")
     p.add_argument("--dataset", default="stdlib")
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
     import export as export_script
 
     from titan_fp8.data import build_dataloader
-    from titan_fp8.quant import QuantScheme, prepare_qat_
+    from titan_fp8.quant import QuantScheme, initialize_learned_scales_, prepare_qat_
 
     try:
         base, manifest = export_script.load_checkpoint(a.checkpoint)
@@ -126,6 +136,10 @@ def main(argv=None) -> int:
     base.rope_cache = base.rope_cache.to(device)
     scheme = QuantScheme.from_name(SCHEME, group_size=a.group_size)
     ours_prepare = lambda m: prepare_qat_(m, scheme)  # noqa: E731
+
+    def ours_range_learning_prepare(m):
+        prepare_qat_(m, scheme, range_learning=True)
+        initialize_learned_scales_(m)
     ao_prepare = None if a.no_torchao else torchao_prepare(a.group_size)
 
     def data(split, infinite):
@@ -143,11 +157,11 @@ def main(argv=None) -> int:
         if prepare is not None:
             prepare(model)
         secs = fine_tune(model, train, warm, lr=a.lr, final_lr=final_lr, weight_decay=a.weight_decay,
-                         max_norm=a.max_norm, device=device)
+                         max_norm=a.max_norm, scale_lr_ratio=a.scale_lr_ratio, device=device)
         return model, secs
 
     res = {"checkpoint": a.checkpoint, "first_batch": start, "steps": a.steps, "lr": a.lr, "final_lr": final_lr,
-           "group_size": a.group_size, "scheme": SCHEME, "heldout_tokens": sum(y.numel() for _, y in val), "torch": torch.__version__,
+           "group_size": a.group_size, "scale_lr_ratio": a.scale_lr_ratio, "scheme": SCHEME, "heldout_tokens": sum(y.numel() for _, y in val), "torch": torch.__version__,
            "device": str(device), "arms": {}}
     model, secs = arm(None)
     fp32 = heldout_loss(model, val, device)
@@ -157,17 +171,20 @@ def main(argv=None) -> int:
         ptq["torchao"] = heldout_loss(_fake_quantised(model, ao_prepare), val, device)
     print(f"[qat_compare] fp32 fine-tune: {fp32:.4f}; PTQ " + ", ".join(f"{k} {v:.4f}" for k, v in ptq.items()),
           flush=True)
-    for name, prepare in (("titan_fp8", ours_prepare), ("torchao", ao_prepare)):
+    arms = (("titan_fp8", ours_prepare, "titan_fp8"),
+            ("titan_fp8_range_learning", ours_range_learning_prepare, "titan_fp8"),
+            ("torchao", ao_prepare, "torchao"))
+    for name, prepare, fmt in arms:
         if prepare is None:
             res["arms"][name] = {"skipped": "torchao not importable" if not a.no_torchao else "--no_torchao"}
             continue
         model, secs = arm(prepare)
         qat = heldout_loss(model, val, device)
-        gap = ptq[name] - fp32
-        rec = (ptq[name] - qat) / gap if gap > 0 else float("nan")
-        res["arms"][name] = {"ptq_loss": ptq[name], "qat_loss": qat, "recovery": rec, "seconds": secs,
-                             "ptq_ppl": math.exp(ptq[name]), "qat_ppl": math.exp(qat)}
-        print(f"[qat_compare] {name}: PTQ {ptq[name]:.4f}, QAT {qat:.4f}: recovers {rec:.0%} of PTQ's degradation "
+        gap = ptq[fmt] - fp32
+        rec = (ptq[fmt] - qat) / gap if gap > 0 else float("nan")
+        res["arms"][name] = {"ptq_loss": ptq[fmt], "qat_loss": qat, "recovery": rec, "seconds": secs,
+                             "ptq_ppl": math.exp(ptq[fmt]), "qat_ppl": math.exp(qat)}
+        print(f"[qat_compare] {name}: PTQ {ptq[fmt]:.4f}, QAT {qat:.4f}: recovers {rec:.0%} of PTQ's degradation "
               f"({secs:.0f} s)", flush=True)
     if a.json:
         with open(a.json, "w") as f:

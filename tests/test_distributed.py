@@ -46,6 +46,10 @@ RECIPES = {
     "delayed": (["--float8.enable", "--float8.recipe_name", "delayed", "--float8.enable_fsdp_float8_all_gather",
                  "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
                  "op"], 2e-5),
+    # QAT with learned scales: each rank initialises its own rows of the sharded scales (no collective).
+    "qat_range_learning": (["--qat.enable", "--qat.range_learning", "--qat.start_step", "2",
+                            "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
+                            "op"], 2e-5),
 }
 HSDP = ["--parallelism.data_parallel_replicate_degree", "2", "--float8.enable", "--float8.recipe_name", "delayed",
         "--float8.enable_fsdp_float8_all_gather"]

@@ -5,9 +5,11 @@ shared by the module.
 """
 
 import json
+import logging
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from importlib.util import module_from_spec, spec_from_file_location
@@ -142,6 +144,39 @@ def test_qat_export_reproduces_fake_quantised_forward(qat_run, tmp_path):
     assert torch.equal(fake, r)
     err = (fake - f).pow(2).mean()
     assert 10 * torch.log10(fake.pow(2).mean() / err) > 40
+
+
+def test_range_learning_resumes_a_plain_run_and_exports_its_learned_scales(qat_run, tmp_path, caplog):
+    # A QAT run with learned scales continues the plain QAT run's step-2 checkpoint (which has no scales:
+    # they start from the weights' ranges, with fresh optimizer state, in their own lr group).
+    dump = tmp_path / "rl"
+    shutil.copytree(qat_run.parent / "step-2", dump / "checkpoint" / "step-2")
+    argv = ["--config", os.path.join(REPO, "configs", "debug.toml"), "--job.dump_folder", str(dump),
+            "--model.n_layers", "2", "--training.seq_len", "64", "--training.local_batch_size", "4",
+            "--training.steps", "4", "--lr_scheduler.warmup_steps", "2", "--metrics.no_enable_tensorboard",
+            "--validation.no_enable", "--checkpoint.enable", "--checkpoint.interval", "2",
+            "--qat.enable", "--qat.scheme", QAT_SCHEME, "--qat.start_step", "2", "--qat.range_learning",
+            "--qat.scale_lr_ratio", "0.1"]
+    with caplog.at_level(logging.INFO):
+        trainer = Trainer(load_config(argv))
+        trainer.train()
+    assert "lacks 16 model keys that start fresh" in caplog.text
+    assert "resuming at step 2" in caplog.text
+    weights, scales = trainer.optimizer.param_groups
+    assert len(scales["params"]) == 16 and scales["weight_decay"] == 0.0
+    assert scales["lr"] == pytest.approx(0.1 * weights["lr"])
+    ckpt = dump / "checkpoint" / "step-4"
+    scheme = QuantScheme.from_name(QAT_SCHEME, 32)
+    model, _ = export_script.load_checkpoint(str(ckpt), lambda m: prepare_qat_(m, scheme, range_learning=True))
+    learned = model.layers["0"].attention.wq.weight_scale
+    from_range = scheme.weight.choose_qparams(model.layers["0"].attention.wq.weight)[0].float()
+    assert (learned != 0).all() and not torch.equal(learned, from_range)  # trained away from the range
+    # Export uses the learned scales: its reference path is the learned-scale fake-quantised forward.
+    export_script.export(str(ckpt), QAT_SCHEME, str(tmp_path / "a"), dtype="float32")
+    ref, _, _, _ = generate_script.load_model(str(tmp_path / "a"), kernels=False)
+    assert torch.equal(ref.layers["0"].attention.wq.weight.scale, scheme.weight.stored_scale(learned))
+    with torch.no_grad():
+        assert torch.equal(model(tokens()), ref(tokens()))
 
 
 def test_export_from_model_only_save_and_errors(qat_run, tmp_path):

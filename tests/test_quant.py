@@ -14,9 +14,11 @@ import torch.nn.functional as F
 
 from titan_fp8.models import Transformer
 from titan_fp8.models.llama3 import ModelArgs
-from titan_fp8.quant import (SCHEMES, FakeQuantEmbedding, FakeQuantLinear, QuantFormat, QuantizedTensor, QuantScheme,
-                             build_qat_converter, choose_kernel, fake_quantize, pack_int4, prepare_for_inference_,
-                             prepare_qat_, quantize_, set_fake_quant_, unpack_int4, weight_memory_bytes)
+from titan_fp8.quant import (LEARNED_SCALE_NAME, SCHEMES, FakeQuantEmbedding, FakeQuantLinear, QuantFormat,
+                             QuantizedTensor, QuantScheme, build_qat_converter, choose_kernel, fake_quantize,
+                             fake_quantize_learned_scale, initialize_learned_scales_, pack_int4,
+                             prepare_for_inference_, prepare_qat_, quantize_, set_fake_quant_, unpack_int4,
+                             weight_memory_bytes)
 
 TINY = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=64, max_seq_len=64)
 
@@ -253,10 +255,109 @@ def test_ptq_equals_qat_convert():
 def test_fake_quant_compiles_without_graph_breaks():
     lin = FakeQuantLinear.from_linear(nn.Linear(64, 32), QuantScheme.from_name("int8_dynamic_activation_int4_weight"))
     emb = FakeQuantEmbedding(nn.Embedding(50, 64), QuantScheme.from_name("int4_weight_only"))
-    fn = torch.compile(lambda idx: lin(emb(idx)).sum(), backend="aot_eager", fullgraph=True)
+    learned = FakeQuantLinear.from_linear(nn.Linear(32, 32), QuantScheme.from_name("int8_dynamic_activation_int4_weight"),
+                                          range_learning=True)
+    initialize_learned_scales_(learned)
+    fn = torch.compile(lambda idx: learned(lin(emb(idx))).sum(), backend="aot_eager", fullgraph=True)
     idx = torch.randint(0, 50, (2, 4))
     fn(idx).backward()
     assert lin.weight.grad is not None and emb.weight.grad is not None
+    assert learned.weight_scale.grad is not None and learned.weight_scale.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Range learning (learned per-group weight scales)
+# --------------------------------------------------------------------------------------------------
+
+RANGE_SCHEMES = ("int8_dynamic_activation_int4_weight", "int8_weight_only")
+
+
+@pytest.mark.parametrize("name", RANGE_SCHEMES)
+def test_learned_scale_forward_is_the_format_and_backward_is_lsq(name):
+    fmt = QuantScheme.from_name(name, 32).weight
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    s0 = fmt.choose_qparams(w)[0].float() * 0.8  # some values clip, most do not
+    w1, s1 = w.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    out = fake_quantize_learned_scale(w1, s1, fmt)
+    stored = fmt.stored_scale(s0)
+    assert torch.equal(out, fmt.dequantize(fmt.quantize(w, stored, None), stored, None, w.dtype))
+    g = torch.randn_like(out)
+    out.backward(g)
+    # Reference: LSQ written with autograd (clamp v to the range, round straight through; the scale's
+    # rounding to scale_dtype straight through).
+    w2, s2 = w.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    s_r = s2 + (s2.to(fmt.scale_dtype).float() - s2).detach()
+    k = w.shape[1] // s0.shape[1]
+    v = (w2.reshape(8, -1, k) / s_r.unsqueeze(-1)).clamp(fmt.qmin, fmt.qmax)
+    ref = ((v + (v.round() - v).detach()) * s_r.unsqueeze(-1)).reshape(w.shape)
+    ref.backward(g)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-5)
+    assert (w1.grad == 0).any() and (w1.grad != 0).any()  # clipped elements pass no gradient to the weight
+
+
+def test_range_learning_modules_initialise_convert_and_refuse_other_schemes():
+    scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
+    model = tiny_model()
+    report = prepare_qat_(model, scheme, range_learning=True)
+    scales = {n: p for n, p in model.named_parameters() if n.endswith("." + LEARNED_SCALE_NAME)}
+    assert len(scales) == len(report.converted) == 9
+    assert model.output.weight_scale.shape == (TINY.vocab_size, TINY.dim // 32)
+    assert all((p == 0).all() for p in scales.values())
+    assert initialize_learned_scales_(model) == 9 and initialize_learned_scales_(model) == 0  # set ones are kept
+    torch.testing.assert_close(model.output.weight_scale, scheme.weight.choose_qparams(model.output.weight)[0].float(),
+                               rtol=0, atol=0)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16))
+    with torch.no_grad():
+        at_init = model(tokens)
+        plain_qat = tiny_model()
+        prepare_qat_(plain_qat, scheme)
+        assert torch.equal(at_init, plain_qat(tokens))  # learned scales start where plain QAT is
+        for p in scales.values():
+            p.mul_(torch.empty_like(p).uniform_(0.8, 1.1))
+        fake = model(tokens)
+    assert not torch.equal(fake, at_init)
+    quantize_(model)
+    assert torch.equal(model.output.weight.scale, scheme.weight.stored_scale(scales["output.weight_scale"]))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), fake)  # the artifact's reference path, bit for bit
+    for bad in ("int4_weight_only", "float8_dynamic"):
+        with pytest.raises(ValueError, match=f"range learning needs symmetric integer weights.*not {bad}"):
+            prepare_qat_(tiny_model(), QuantScheme.from_name(bad, 32), range_learning=True)
+    with pytest.raises(ValueError, match="learned scale has shape"):
+        QuantizedTensor.from_float(torch.randn(4, 64), scheme, learned_scale=torch.ones(4, 3))
+
+
+def test_learned_scales_reduce_the_quantisation_error():
+    # Train only the scales of a quantised layer to match its full-precision output: the error falls
+    # below the range-based (amax) scales', which is what range learning is for.
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    fq = FakeQuantLinear.from_linear(copy_linear(lin), QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32),
+                                     range_learning=True)
+    initialize_learned_scales_(fq)
+    fq.weight.requires_grad_(False)
+    x = torch.randn(512, 128)
+    with torch.no_grad():
+        target = lin(x)
+    opt = torch.optim.Adam([fq.weight_scale], lr=1e-4)
+    losses = []
+    for _ in range(100):
+        loss = F.mse_loss(fq(x), target)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # Measured: 0.91-0.93x over seeds 0-2 (the activation quantisation's share does not move).
+    assert losses[-1] < 0.96 * losses[0], (losses[0], losses[-1])
+
+
+def copy_linear(lin: nn.Linear) -> nn.Linear:
+    new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+    new.load_state_dict(lin.state_dict())
+    return new
 
 
 # --------------------------------------------------------------------------------------------------

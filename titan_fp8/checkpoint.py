@@ -33,7 +33,7 @@ import time
 import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,16 +66,21 @@ class CheckpointError(RuntimeError):
 
 
 class ModelState(Stateful):
-    """Model weights and buffers (float8 amax histories included) keyed by FQN, sharded or not."""
+    """Model weights and buffers (float8 amax histories included) keyed by FQN, sharded or not.
+
+    `skip`: keys the checkpoint being loaded lacks and that may start fresh (CheckpointManager.load sets it).
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.skip: frozenset[str] = frozenset()
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        return {k: v for k, v in get_model_state_dict(self.model).items() if k not in self.skip}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+        # Only the skipped keys may be missing (CheckpointManager checked every other key and shape).
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=not self.skip))
 
 
 class OptimizerState(Stateful):
@@ -84,12 +89,24 @@ class OptimizerState(Stateful):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
         self.options = StateDictOptions(flatten_optimizer_state_dict=True)
+        self.skip: frozenset[str] = frozenset()  # parameters (FQNs) the checkpoint lacks: fresh state
+        self._fresh: dict[str, Any] = {}
+
+    def _skipped(self, key: str) -> bool:
+        # Flattened keys: "state.<fqn>.<name>" and "param_groups.<fqn>.<name>".
+        fqn = key.split(".", 1)[1] if "." in key else key
+        return any(fqn.startswith(p + ".") for p in self.skip)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        full = get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        if not self.skip:
+            return full
+        self._fresh = {k: v for k, v in full.items() if self._skipped(k)}
+        return {k: v for k, v in full.items() if not self._skipped(k)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+        # The skipped parameters keep the freshly initialised state (zero moments) from state_dict().
+        set_optimizer_state_dict(self.model, self.optimizer, {**state_dict, **self._fresh}, options=self.options)
 
 
 class PerRankState(Stateful):
@@ -227,8 +244,11 @@ def _shape(value: Any) -> Optional[tuple]:
 
 class CheckpointManager:
     def __init__(self, folder: str, *, interval: int, keep_latest_k: int, async_mode: str = "disabled",
-                 metadata: Optional[dict] = None):
+                 metadata: Optional[dict] = None, fresh_if_missing: Optional[Callable[[str], bool]] = None):
+        """fresh_if_missing: model keys a checkpoint may lack (e.g. QAT's learned scales when resuming a run
+        saved without range learning); they keep their initial values and get fresh optimizer state."""
         self.folder = folder
+        self.fresh_if_missing = fresh_if_missing or (lambda key: False)
         self.interval = interval
         self.keep_latest_k = keep_latest_k
         self.async_mode = async_mode
@@ -473,10 +493,11 @@ class CheckpointManager:
                                   "folder away to start from scratch")
         return None
 
-    def _check_compatible(self, path: str, state: dict[str, Any]) -> None:
-        """Refuse, naming the key, a checkpoint whose model keys or shapes differ from `state['model']`."""
+    def _check_compatible(self, path: str, state: dict[str, Any]) -> frozenset[str]:
+        """Refuse, naming the key, a checkpoint whose model keys or shapes differ from `state['model']`;
+        returns the keys it lacks that may start fresh (`fresh_if_missing`)."""
         if "model" not in state or not hasattr(state["model"], "state_dict"):
-            return
+            return frozenset()
         try:
             saved = FileSystemReader(path).read_metadata().state_dict_metadata
         except Exception as e:
@@ -485,7 +506,10 @@ class CheckpointManager:
                        if k.startswith("model.")}
         current = {k: _shape(v) for k, v in state["model"].state_dict().items()}
         hint = self._model_args_difference(path)
+        fresh = frozenset(k for k in current if k not in saved_model and self.fresh_if_missing(k))
         for key, shape in current.items():
+            if key in fresh:
+                continue
             if key not in saved_model:
                 raise CheckpointError(f"{path}: checkpoint was saved for a different model: it has no "
                                       f"'{key}'{hint}")
@@ -496,6 +520,7 @@ class CheckpointManager:
         if extra:
             raise CheckpointError(f"{path}: checkpoint was saved for a different model: it has '{extra[0]}' "
                                   f"that this model lacks{hint}")
+        return fresh
 
     def _model_args_difference(self, path: str) -> str:
         try:
@@ -517,7 +542,12 @@ class CheckpointManager:
         if step is None:
             return None
         path = self.step_dir(step)
-        self._check_compatible(path, state)
+        fresh = self._check_compatible(path, state)
+        if fresh:
+            logger.info("%s lacks %d model keys that start fresh (e.g. %s)", path, len(fresh), min(fresh))
+            for name in ("model", "optimizer"):
+                if isinstance(state.get(name), (ModelState, OptimizerState)):
+                    state[name].skip = fresh
         try:
             with open(os.path.join(path, MANIFEST)) as f:
                 manifest = json.load(f)

@@ -179,6 +179,10 @@ class QAT:
     # head and the embedding too (they are 40% of the debug model), so QAT must train with them quantised.
     filter_fqns: list[str] = _opt([], "Linears/embeddings whose name contains any of these are not quantised "
                                       "(export.py reads this from the checkpoint)", factory=True)
+    range_learning: bool = _opt(False, "learn each weight group's quantisation scale (LSQ) instead of taking it from "
+                                       "the weight's range every step; int8_dynamic_activation_int4_weight and "
+                                       "int8_weight_only; export.py uses the learned scales")
+    scale_lr_ratio: float = _opt(0.3, "learned scales train at this fraction of optimizer.lr, without weight decay")
 
 
 @dataclass(frozen=True)
@@ -532,6 +536,10 @@ def validate(config: JobConfig) -> None:
     q = config.qat
     _require(q.group_size in (32, 64, 128, 256), "qat.group_size", f"expected 32, 64, 128 or 256, got {q.group_size}")
     _require(q.start_step >= 0, "qat.start_step", f"must be >= 0, got {q.start_step}")
+    _require(not q.range_learning or q.scheme in ("int8_dynamic_activation_int4_weight", "int8_weight_only"),
+             "qat.range_learning", f"needs symmetric integer weights (scheme int8_dynamic_activation_int4_weight or "
+                                   f"int8_weight_only), got scheme {q.scheme}")
+    _require(q.scale_lr_ratio > 0, "qat.scale_lr_ratio", f"must be > 0, got {q.scale_lr_ratio}")
 
     _require(config.metrics.log_freq >= 1, "metrics.log_freq", f"must be >= 1, got {config.metrics.log_freq}")
     v = config.validation

@@ -136,7 +136,8 @@ def build_converters(config: JobConfig, process_group=None, fsdp_enabled: bool =
         if config.float8_enabled:
             raise ValueError("qat.enable: QAT and float8 training cannot be combined; enable one of them")
         converters.append(build_qat_converter(scheme=config.qat.scheme, group_size=config.qat.group_size,
-                                              start_step=config.qat.start_step, filter_fqns=config.qat.filter_fqns))
+                                              start_step=config.qat.start_step, filter_fqns=config.qat.filter_fqns,
+                                              range_learning=config.qat.range_learning))
     if config.float8_enabled:
         f8 = config.float8
         all_gather = f8.enable_fsdp_float8_all_gather and fsdp_enabled

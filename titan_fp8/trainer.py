@@ -30,6 +30,7 @@ from titan_fp8.data import build_dataloader, build_tokenizer
 from titan_fp8.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
 from titan_fp8.models import Transformer, llama3_flavors
 from titan_fp8.optim import build_lr_scheduler, build_optimizer
+from titan_fp8.quant import LEARNED_SCALE_NAME
 from titan_fp8.parallel import (ParallelDims, RowStreamLoader, build_mesh, dist_all, dist_max, dist_mean,
                                 dp_process_group, init_distributed, init_weights_like_unsharded,
                                 parallelize_llama)
@@ -139,9 +140,12 @@ class Trainer:
 
         # -- optimizer and schedule ---------------------------------------------------------------------
         o, s = config.optimizer, config.lr_scheduler
+        learned_scales = config.qat_enabled and config.qat.range_learning
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, eps=o.eps,
                                          weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                         implementation=o.implementation)
+                                         implementation=o.implementation,
+                                         lr_ratio_by_suffix={LEARNED_SCALE_NAME: config.qat.scale_lr_ratio}
+                                         if learned_scales else None)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, warmup_steps=s.warmup_steps, total_steps=t.steps,
                                                decay_type=s.decay_type, decay_ratio=s.decay_ratio,
                                                min_lr_factor=s.min_lr_factor)
@@ -162,6 +166,8 @@ class Trainer:
                                                "tokenizer": {"path": (os.path.abspath(config.model.tokenizer_path)
                                                                       if config.model.tokenizer_path else None),
                                                              "vocab_size": self.tokenizer.vocab_size}},
+            # A run saved without QAT range learning lacks the learned scales: they start from the weights.
+            fresh_if_missing=(lambda key: key.endswith("." + LEARNED_SCALE_NAME)) if learned_scales else None,
         ) if c.enable else None
         self.metrics = MetricsLogger(job.dump_folder, enable_tensorboard=config.metrics.enable_tensorboard,
                                      rank=self.rank)

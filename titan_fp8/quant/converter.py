@@ -3,10 +3,14 @@
     converter = build_qat_converter(scheme="int8_dynamic_activation_int4_weight", group_size=32,
                                     start_step=100, filter_fqns=["output"])
     converter.convert(model)          # on the meta model, before FSDP/compile: Linears -> FakeQuantLinear
-    converter.pre_step(model, step)   # fake quantisation on from `start_step` (also right after a resume)
+    converter.init_buffers(model)     # after materialisation: learned scales (range learning) start at zero
+    converter.pre_step(model, step)   # fake quantisation on from `start_step` (also right after a resume);
+                                      # learned scales still at zero start from the weights' ranges then
     converter.finalize(model)         # fake-quantised modules -> QuantizedTensor weights (for serving)
 
-Parameter names are unchanged, so a QAT run resumes from (or starts from) any checkpoint of the same model.
+Parameter names are unchanged, so a QAT run resumes from (or starts from) any checkpoint of the same model;
+range learning adds one `weight_scale` per module, which a checkpoint of a run without it lacks (the
+trainer lets them start fresh).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from .qat import prepare_qat_, quantize_, set_fake_quant_
+from .qat import (LEARNED_SCALE_NAME, FakeQuantEmbedding, FakeQuantLinear, _local, initialize_learned_scales_,
+                  prepare_qat_, quantize_, set_fake_quant_)
 from .schemes import QuantScheme
 
 __all__ = ["QATConverter", "build_qat_converter"]
@@ -27,24 +32,31 @@ logger = logging.getLogger(__name__)
 class QATConverter:
     name = "qat"
 
-    def __init__(self, scheme: QuantScheme, *, start_step: int = 0, filter_fqns: Iterable[str] = ()):
+    def __init__(self, scheme: QuantScheme, *, start_step: int = 0, filter_fqns: Iterable[str] = (),
+                 range_learning: bool = False):
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"qat.start_step: must be an integer >= 0, got {start_step!r}")
         self.scheme = scheme
         self.start_step = start_step
         self.filter_fqns = list(filter_fqns)
+        self.range_learning = range_learning
         self._enabled = None  # unknown until the first pre_step
 
     def convert(self, model: nn.Module) -> None:
-        report = prepare_qat_(model, self.scheme, self.filter_fqns)
+        report = prepare_qat_(model, self.scheme, self.filter_fqns, range_learning=self.range_learning)
         if not report.converted:
             raise ValueError(f"qat.filter_fqns={self.filter_fqns}: no Linear or Embedding was prepared for QAT "
                              f"({'; '.join(f'{k}: {v}' for k, v in report.skipped.items()) or 'model has none'})")
-        report.log(f"qat {self.scheme.describe()}")
+        report.log(f"qat {self.scheme.describe()}" + (", learned scales" if self.range_learning else ""))
         self._set(model, self.start_step <= 1)  # the first step is 1
 
     def init_buffers(self, model: nn.Module) -> None:
-        pass  # fake quantisation keeps no state: scales are computed from the current tensors
+        # Plain fake quantisation keeps no state (scales come from the current tensors). Learned scales
+        # were materialised uninitialised: zero marks them "start from the weights' ranges".
+        for m in model.modules():
+            scale = getattr(m, LEARNED_SCALE_NAME, None) if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) else None
+            if scale is not None:
+                _local(scale).detach().zero_()
 
     def pre_step(self, model: nn.Module, step: int) -> None:
         self._set(model, step >= self.start_step)
@@ -60,10 +72,16 @@ class QATConverter:
     def _set(self, model: nn.Module, enabled: bool) -> None:
         if enabled != self._enabled:
             n = set_fake_quant_(model, enabled)
+            if enabled and self.range_learning:
+                fresh = initialize_learned_scales_(model)
+                if fresh:
+                    logger.info("qat: %d learned scales start from their weights' ranges", fresh)
             if self._enabled is not None or enabled:
                 logger.info("qat: fake quantisation %s in %d modules", "on" if enabled else "off", n)
             self._enabled = enabled
 
 
-def build_qat_converter(*, scheme: str, group_size: int, start_step: int, filter_fqns: list[str]) -> QATConverter:
-    return QATConverter(QuantScheme.from_name(scheme, group_size), start_step=start_step, filter_fqns=filter_fqns)
+def build_qat_converter(*, scheme: str, group_size: int, start_step: int, filter_fqns: list[str],
+                        range_learning: bool = False) -> QATConverter:
+    return QATConverter(QuantScheme.from_name(scheme, group_size), start_step=start_step, filter_fqns=filter_fqns,
+                        range_learning=range_learning)

@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["QuantFormat", "pack_int4", "unpack_int4", "fake_quantize", "SCALE_EPS", "FLOAT8_MAX"]
+__all__ = ["QuantFormat", "pack_int4", "unpack_int4", "fake_quantize", "fake_quantize_learned_scale", "SCALE_EPS",
+           "FLOAT8_MAX"]
 
 SCALE_EPS = 1e-12  # smallest scale: an all-zero group quantises to zeros instead of dividing by zero
 FLOAT8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -110,6 +111,15 @@ class QuantFormat:
         zero_point = (self.qmin - torch.round(lo / scale.float())).clamp(self.qmin, self.qmax)
         return scale, zero_point
 
+    @property
+    def supports_learned_scale(self) -> bool:
+        """Range learning (a trained per-group scale) is defined for symmetric integer formats."""
+        return self.symmetric and not self.is_float8
+
+    def stored_scale(self, learned: torch.Tensor) -> torch.Tensor:
+        """A learned (fp32, trainable) scale as the format stores and uses it: > 0, rounded to scale_dtype."""
+        return learned.detach().float().clamp(min=SCALE_EPS).to(self.scale_dtype)
+
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> torch.Tensor:
         """x (..., K) -> quantised values (..., K) in `qdtype` (int4 unpacked, one value per int8)."""
         xg = self._grouped(x.float())  # (..., G, group)
@@ -183,3 +193,45 @@ class _StraightThrough(torch.autograd.Function):
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Quantise and dequantise x in its own dtype; gradients pass straight through."""
     return _StraightThrough.apply(x, fmt)
+
+
+class _LearnedScale(torch.autograd.Function):
+    """forward: dequantize(quantize(x)) with the given (learned) per-group scale, exactly as the serving
+    format computes it with that scale stored; backward: LSQ (Esser et al., 2019). With v = x / s,
+    q = clamp(round(v), qmin, qmax):
+
+        d out / d x = 1 where qmin <= v <= qmax, else 0
+        d out / d s = q - v where qmin <= v <= qmax, else q      (summed over the group)
+
+    The gradient reaches the fp32 master scale straight through its rounding to scale_dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+        s = fmt.stored_scale(scale)
+        q = fmt.quantize(x, s, None)
+        ctx.save_for_backward(x, s, q)
+        ctx.fmt, ctx.scale_dtype = fmt, scale.dtype
+        return fmt.dequantize(q, s, None, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, s, q = ctx.saved_tensors
+        fmt = ctx.fmt
+        v = fmt._grouped(x.float()) / s.float().unsqueeze(-1)  # (..., G, group)
+        inside = (v >= fmt.qmin) & (v <= fmt.qmax)
+        g = fmt._grouped(grad.float())
+        grad_x = torch.where(inside, g, torch.zeros_like(g)).reshape(x.shape).to(x.dtype)
+        grad_scale = (g * torch.where(inside, fmt._grouped(q.float()) - v, fmt._grouped(q.float()))).sum(-1)
+        return grad_x, grad_scale.to(ctx.scale_dtype), None
+
+
+def fake_quantize_learned_scale(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Fake-quantise x (..., K) with a trainable per-group scale (..., K // group) (range learning).
+
+    Symmetric integer formats only. The forward equals the serving format's dequantize(quantize(x)) with
+    `fmt.stored_scale(scale)` as its stored scale, bit for bit.
+    """
+    if not fmt.supports_learned_scale:
+        raise ValueError(f"learned scales need a symmetric integer format, got {fmt.describe()}")
+    return _LearnedScale.apply(x, scale, fmt)

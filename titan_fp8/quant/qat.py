@@ -12,6 +12,13 @@ replaces (`weight`, `bias`), so state_dict keys and checkpoints are unchanged; i
     forward(x) = F.linear(fake_quantize(x, scheme.activation), fake_quantize(weight, scheme.weight), bias)
 
 with `fake_quantize` = the serving format's dequantize(quantize(.)) and a straight-through gradient.
+
+Range learning (`range_learning=True`, symmetric integer weights: 8da4w, int8_weight_only) adds one
+trainable parameter per module, `weight_scale` (rows x groups, fp32): the weight's quantisation scales,
+trained with the LSQ gradient instead of recomputed from the weight's range every step. It starts at
+zero = "not initialised"; `initialize_learned_scales_` sets it to the range-based scales (amax / 7.5 for
+int4) when fake quantisation first switches on, so QAT starts exactly where plain QAT does. Convert
+stores the learned scales in the QuantizedTensor.
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .primitives import fake_quantize
+from .primitives import fake_quantize, fake_quantize_learned_scale
 from .schemes import QuantScheme
 from .tensor import QuantizedTensor, choose_kernel
 
 __all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "QuantReport", "skip_reason", "prepare_qat_",
-           "set_fake_quant_", "quantize_", "prepare_for_inference_", "weight_memory_bytes"]
+           "set_fake_quant_", "initialize_learned_scales_", "quantize_", "prepare_for_inference_",
+           "weight_memory_bytes", "LEARNED_SCALE_NAME"]
+
+LEARNED_SCALE_NAME = "weight_scale"  # the range-learning parameter of a fake-quantised module
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +78,30 @@ def skip_reason(module: nn.Module, fqn: str, scheme: QuantScheme, filter_fqns: I
 # --------------------------------------------------------------------------------------------------
 
 
+def _register_learned_scale(module: nn.Module, weight: torch.Tensor, scheme: QuantScheme, range_learning: bool) -> None:
+    if not range_learning:
+        module.register_parameter(LEARNED_SCALE_NAME, None)
+        return
+    fmt = scheme.weight
+    if not fmt.supports_learned_scale:
+        raise ValueError(f"range learning needs symmetric integer weights (int8_dynamic_activation_int4_weight, "
+                         f"int8_weight_only), not {scheme.name}")
+    rows, k = weight.shape
+    # Zero = not initialised yet (initialize_learned_scales_); on the meta device while the model is.
+    scale = torch.zeros(rows, fmt.groups(k), dtype=torch.float32, device=weight.device)
+    module.register_parameter(LEARNED_SCALE_NAME, nn.Parameter(scale))
+
+
+def _fake_quantize_weight(module: nn.Module, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    fmt = module.scheme.weight
+    return fake_quantize(weight, fmt) if scale is None else fake_quantize_learned_scale(weight, scale, fmt)
+
+
 class FakeQuantLinear(nn.Linear):
     """nn.Linear whose weight (and, for dynamic-activation schemes, input) pass through fake quantisation."""
 
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], scheme: QuantScheme):
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], scheme: QuantScheme, *,
+                 range_learning: bool = False):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight = weight
@@ -80,11 +110,13 @@ class FakeQuantLinear(nn.Linear):
         else:
             self.bias = bias
         self.scheme = scheme
+        _register_learned_scale(self, weight, scheme, range_learning)
         self.fake_quant_enabled = True  # a plain attribute: not in the state dict
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "FakeQuantLinear":
-        return cls(linear.weight, linear.bias, scheme)  # the same Parameter objects: no copy, meta stays meta
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, *, range_learning: bool = False) -> "FakeQuantLinear":
+        # The same Parameter objects: no copy, meta stays meta.
+        return cls(linear.weight, linear.bias, scheme, range_learning=range_learning)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
@@ -92,10 +124,11 @@ class FakeQuantLinear(nn.Linear):
         act = self.scheme.activation
         if act is not None:
             x = fake_quantize(x, act)
-        return F.linear(x, fake_quantize(self.weight, self.scheme.weight), self.bias)
+        return F.linear(x, _fake_quantize_weight(self, self.weight, self.weight_scale), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scheme={self.scheme.name}, group_size={self.scheme.group_size}, " \
+               f"range_learning={self.weight_scale is not None}, " \
                f"fake_quant={'on' if self.fake_quant_enabled else 'off'}"
 
 
@@ -105,19 +138,23 @@ class FakeQuantEmbedding(nn.Embedding):
     Groups run along each row, so quantising the gathered rows equals quantising the table first.
     """
 
-    def __init__(self, embedding: nn.Embedding, scheme: QuantScheme):
+    def __init__(self, embedding: nn.Embedding, scheme: QuantScheme, *, range_learning: bool = False):
         nn.Module.__init__(self)
         for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
                      "scale_grad_by_freq", "sparse"):
             setattr(self, attr, getattr(embedding, attr))
         self.weight = embedding.weight
         self.scheme = scheme
+        _register_learned_scale(self, embedding.weight, scheme, range_learning)
         self.fake_quant_enabled = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(input, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
                            self.sparse)
-        return fake_quantize(rows, self.scheme.weight) if self.fake_quant_enabled else rows
+        if not self.fake_quant_enabled:
+            return rows
+        scales = None if self.weight_scale is None else F.embedding(input, self.weight_scale)  # each row's scales
+        return _fake_quantize_weight(self, rows, scales)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scheme={self.scheme.name}, fake_quant={'on' if self.fake_quant_enabled else 'off'}"
@@ -136,9 +173,15 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def prepare_qat_(model: nn.Module, scheme: QuantScheme, filter_fqns: Iterable[str] = ()) -> QuantReport:
-    """Swap eligible Linears/Embeddings for fake-quantised ones, in place (works on the meta device)."""
+def prepare_qat_(model: nn.Module, scheme: QuantScheme, filter_fqns: Iterable[str] = (), *,
+                 range_learning: bool = False) -> QuantReport:
+    """Swap eligible Linears/Embeddings for fake-quantised ones, in place (works on the meta device).
+
+    range_learning: each one also gets a trainable `weight_scale` (see the module docstring)."""
     filter_fqns = list(filter_fqns)
+    if range_learning and not scheme.weight.supports_learned_scale:
+        raise ValueError(f"range learning needs symmetric integer weights (int8_dynamic_activation_int4_weight, "
+                         f"int8_weight_only), not {scheme.name}")
     report = QuantReport()
     for fqn, module in list(model.named_modules()):
         if isinstance(module, _FAKE_QUANT) or not isinstance(module, (nn.Linear, nn.Embedding)):
@@ -147,8 +190,8 @@ def prepare_qat_(model: nn.Module, scheme: QuantScheme, filter_fqns: Iterable[st
         if reason is not None:
             report.skipped[fqn] = reason
             continue
-        new = FakeQuantLinear.from_linear(module, scheme) if isinstance(module, nn.Linear) \
-            else FakeQuantEmbedding(module, scheme)
+        new = FakeQuantLinear.from_linear(module, scheme, range_learning=range_learning) \
+            if isinstance(module, nn.Linear) else FakeQuantEmbedding(module, scheme, range_learning=range_learning)
         _set_submodule(model, fqn, new)
         report.converted[fqn] = scheme.name
     return report
@@ -161,6 +204,35 @@ def set_fake_quant_(model: nn.Module, enabled: bool) -> int:
         if isinstance(m, _FAKE_QUANT):
             m.fake_quant_enabled = enabled
             n += 1
+    return n
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if hasattr(t, "_local_tensor") else t  # DTensor (FSDP): this rank's shard
+
+
+@torch.no_grad()
+def initialize_learned_scales_(model: nn.Module) -> int:
+    """Set every learned scale that is still all zero to its weight's range-based scales; returns how many.
+
+    Works shard by shard under FSDP: a weight (rows, K) and its scale (rows, groups) are sharded on the
+    same rows, so each rank initialises its own rows with no communication. Scales loaded from a
+    checkpoint (non-zero) are kept.
+    """
+    n = 0
+    for m in model.modules():
+        scale = getattr(m, LEARNED_SCALE_NAME, None) if isinstance(m, _FAKE_QUANT) else None
+        if scale is None:
+            continue
+        local_scale, local_weight = _local(scale), _local(m.weight)
+        if local_scale.numel() and not bool((local_scale == 0).all()):
+            continue
+        if local_scale.shape[0] != local_weight.shape[0]:
+            raise RuntimeError(f"learned scale shard has {local_scale.shape[0]} rows, its weight shard "
+                               f"{local_weight.shape[0]}: they must be sharded alike")
+        if local_weight.numel():
+            local_scale.copy_(m.scheme.weight.choose_qparams(local_weight)[0].float())
+        n += 1
     return n
 
 
@@ -193,7 +265,12 @@ def quantize_(model: nn.Module, scheme: Optional[QuantScheme] = None, filter_fqn
         else:
             continue
         w = _full(module.weight)
-        qweight = nn.Parameter(QuantizedTensor.from_float(w, use, dtype=dtype or w.dtype), requires_grad=False)
+        learned = getattr(module, LEARNED_SCALE_NAME, None) if isinstance(module, _FAKE_QUANT) else None
+        learned = None if learned is None else _full(learned)
+        if learned is not None and bool((learned == 0).all()):
+            learned = None  # never initialised (fake quantisation never ran): the weight's range decides
+        qweight = nn.Parameter(QuantizedTensor.from_float(w, use, dtype=dtype or w.dtype, learned_scale=learned),
+                               requires_grad=False)
         if isinstance(module, FakeQuantLinear):
             new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             new.bias = module.bias

@@ -89,15 +89,28 @@ class QuantizedTensor(torch.Tensor):
     # -- construction --------------------------------------------------------------------------------
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, scheme: QuantScheme, dtype: Optional[torch.dtype] = None) -> "QuantizedTensor":
-        """Quantise a float (N, K) weight; `dtype` (default: the weight's) is the logical/compute dtype."""
+    def from_float(cls, weight: torch.Tensor, scheme: QuantScheme, dtype: Optional[torch.dtype] = None, *,
+                   learned_scale: Optional[torch.Tensor] = None) -> "QuantizedTensor":
+        """Quantise a float (N, K) weight; `dtype` (default: the weight's) is the logical/compute dtype.
+
+        learned_scale: (N, groups) scales trained by QAT range learning, used instead of the weight's range
+        (symmetric integer formats).
+        """
         if weight.dim() != 2:
             raise ValueError(f"QuantizedTensor: expected a 2-D weight, got shape {tuple(weight.shape)}")
         if not weight.is_floating_point():
             raise ValueError(f"QuantizedTensor: expected a floating-point weight, got {weight.dtype}")
         fmt = scheme.weight
         weight = weight.detach()
-        scale, zero_point = fmt.choose_qparams(weight)
+        if learned_scale is None:
+            scale, zero_point = fmt.choose_qparams(weight)
+        else:
+            if not fmt.supports_learned_scale:
+                raise ValueError(f"QuantizedTensor: learned scales need a symmetric integer format, not {scheme.name}")
+            want = (weight.shape[0], fmt.groups(weight.shape[1]))
+            if tuple(learned_scale.shape) != want:
+                raise ValueError(f"QuantizedTensor: learned scale has shape {tuple(learned_scale.shape)}, expected {want}")
+            scale, zero_point = fmt.stored_scale(learned_scale), None
         q = fmt.quantize(weight, scale, zero_point)
         if fmt.kind == "int4":
             offset = 8 if fmt.symmetric else 0
