@@ -177,6 +177,13 @@ def test_range_learning_resumes_a_plain_run_and_exports_its_learned_scales(qat_r
     assert torch.equal(ref.layers["0"].attention.wq.weight.scale, scheme.weight.stored_scale(learned))
     with torch.no_grad():
         assert torch.equal(model(tokens()), ref(tokens()))
+    # Another scheme has no learned scales: it quantises from the weights' ranges, as PTQ.
+    _, report = export_script.export(str(ckpt), "int8_weight_only", str(tmp_path / "b"), dtype="float32")
+    other, _, _, _ = generate_script.load_model(str(tmp_path / "b"), kernels=False)
+    w = model.layers["0"].attention.wq.weight
+    assert len(report.converted) == 16
+    assert torch.equal(other.layers["0"].attention.wq.weight.scale,
+                       QuantScheme.from_name("int8_weight_only").weight.choose_qparams(w)[0])
 
 
 def test_export_from_model_only_save_and_errors(qat_run, tmp_path):
