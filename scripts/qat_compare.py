@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup_batches", type=int, default=10)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--max_norm", type=float, default=1.0)
-    p.add_argument("--scale_lr_ratio", type=float, default=0.3,
+    p.add_argument("--scale_lr_ratio", type=float, default=0.03,
                    help="learned scales' lr / the lr (titan_fp8_range_learning arm; as --qat.scale_lr_ratio)")
     p.add_argument("--data_offset", type=int, default=0,
                    help="skip this many more training batches (repeats on other data)")

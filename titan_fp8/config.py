@@ -182,7 +182,7 @@ class QAT:
     range_learning: bool = _opt(False, "learn each weight group's quantisation scale (LSQ) instead of taking it from "
                                        "the weight's range every step; int8_dynamic_activation_int4_weight and "
                                        "int8_weight_only; export.py uses the learned scales")
-    scale_lr_ratio: float = _opt(0.3, "learned scales train at this fraction of optimizer.lr, without weight decay")
+    scale_lr_ratio: float = _opt(0.03, "learned scales train at this fraction of optimizer.lr, without weight decay")
 
 
 @dataclass(frozen=True)
