@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset_path", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_torchao", action="store_true")
+    p.add_argument("--no_range_learning", action="store_true", help="skip the titan_fp8_range_learning arm")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     final_lr = a.lr if a.final_lr is None else a.final_lr
@@ -172,11 +173,12 @@ def main(argv=None) -> int:
     print(f"[qat_compare] fp32 fine-tune: {fp32:.4f}; PTQ " + ", ".join(f"{k} {v:.4f}" for k, v in ptq.items()),
           flush=True)
     arms = (("titan_fp8", ours_prepare, "titan_fp8"),
-            ("titan_fp8_range_learning", ours_range_learning_prepare, "titan_fp8"),
+            ("titan_fp8_range_learning", None if a.no_range_learning else ours_range_learning_prepare, "titan_fp8"),
             ("torchao", ao_prepare, "torchao"))
     for name, prepare, fmt in arms:
         if prepare is None:
-            res["arms"][name] = {"skipped": "torchao not importable" if not a.no_torchao else "--no_torchao"}
+            res["arms"][name] = {"skipped": "--no_range_learning" if fmt == "titan_fp8" else
+                                 "--no_torchao" if a.no_torchao else "torchao not importable"}
             continue
         model, secs = arm(prepare)
         qat = heldout_loss(model, val, device)

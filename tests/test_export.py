@@ -351,11 +351,12 @@ def test_qat_compare_arms(qat_run, tmp_path, capsys):
     common = ["--checkpoint", str(qat_run), "--seq_len", "64", "--local_batch_size", "4", "--group_size", "32",
               "--warmup_batches", "1", "--no_torchao"]
     # No steps: the fp32 arm is the checkpoint and the QAT arm is exactly the PTQ model.
-    assert qat_compare.main(common + ["--steps", "0", "--json", str(tmp_path / "r0.json")]) == 0
+    assert qat_compare.main(common + ["--steps", "0", "--no_range_learning", "--json", str(tmp_path / "r0.json")]) == 0
     r0 = json.loads((tmp_path / "r0.json").read_text())
     arm0 = r0["arms"]["titan_fp8"]
     assert arm0["qat_loss"] == arm0["ptq_loss"] and arm0["recovery"] == 0.0
     assert r0["arms"]["torchao"] == {"skipped": "--no_torchao"}
+    assert r0["arms"]["titan_fp8_range_learning"] == {"skipped": "--no_range_learning"}
     base, _ = export_script.load_checkpoint(str(qat_run))
     val = list(build_dataloader(dataset="stdlib", dataset_path=None, tokenizer=build_tokenizer(None, vocab_size=4096),
                                 seq_len=64, local_batch_size=4, split="validation", infinite=False))
@@ -368,6 +369,8 @@ def test_qat_compare_arms(qat_run, tmp_path, capsys):
     assert r2["arms"]["fp32"]["loss"] != r0["arms"]["fp32"]["loss"] and arm2["qat_loss"] != arm0["qat_loss"]
     gap = arm2["ptq_loss"] - r2["arms"]["fp32"]["loss"]
     assert math.isclose(arm2["recovery"], (arm2["ptq_loss"] - arm2["qat_loss"]) / gap, rel_tol=1e-12)
+    learned = r2["arms"]["titan_fp8_range_learning"]  # same PTQ reference, its own QAT result
+    assert learned["ptq_loss"] == arm2["ptq_loss"] and learned["qat_loss"] not in (arm2["qat_loss"], arm0["qat_loss"])
     capsys.readouterr()
     assert qat_compare.main(["--checkpoint", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
