@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     def ours_range_learning_prepare(m):
         prepare_qat_(m, scheme, range_learning=True)
         initialize_learned_scales_(m)
+
     ao_prepare = None if a.no_torchao else torchao_prepare(a.group_size)
 
     def data(split, infinite):

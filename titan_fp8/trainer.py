@@ -30,10 +30,10 @@ from titan_fp8.data import build_dataloader, build_tokenizer
 from titan_fp8.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
 from titan_fp8.models import Transformer, llama3_flavors
 from titan_fp8.optim import build_lr_scheduler, build_optimizer
-from titan_fp8.quant import LEARNED_SCALE_NAME
 from titan_fp8.parallel import (ParallelDims, RowStreamLoader, build_mesh, dist_all, dist_max, dist_mean,
                                 dp_process_group, init_distributed, init_weights_like_unsharded,
                                 parallelize_llama)
+from titan_fp8.quant import LEARNED_SCALE_NAME
 
 logger = logging.getLogger(__name__)
 

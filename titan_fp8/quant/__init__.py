@@ -9,7 +9,8 @@ from .artifact import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIG
 from .converter import QATConverter, build_qat_converter
 from .primitives import QuantFormat, fake_quantize, fake_quantize_learned_scale, pack_int4, unpack_int4
 from .qat import (LEARNED_SCALE_NAME, FakeQuantEmbedding, FakeQuantLinear, QuantReport, initialize_learned_scales_,
-                  prepare_for_inference_, prepare_qat_, quantize_, set_fake_quant_, skip_reason, weight_memory_bytes)
+                  prepare_for_inference_, prepare_qat_, quantize_, reset_learned_scales_, set_fake_quant_, skip_reason,
+                  weight_memory_bytes)
 from .schemes import GROUP_SIZES, SCHEMES, QuantScheme
 from .tensor import KERNELS, QuantizedTensor, choose_kernel
 
@@ -17,6 +18,6 @@ __all__ = [
     "ArtifactError", "CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION", "install_state_", "read_artifact", "save_artifact", "sha256_file",
     "QATConverter", "build_qat_converter", "QuantFormat", "fake_quantize", "fake_quantize_learned_scale", "pack_int4", "unpack_int4",
     "FakeQuantEmbedding", "FakeQuantLinear", "QuantReport", "prepare_for_inference_", "prepare_qat_", "quantize_",
-    "set_fake_quant_", "initialize_learned_scales_", "LEARNED_SCALE_NAME", "skip_reason", "weight_memory_bytes", "GROUP_SIZES", "SCHEMES", "QuantScheme", "KERNELS",
+    "set_fake_quant_", "initialize_learned_scales_", "reset_learned_scales_", "LEARNED_SCALE_NAME", "skip_reason", "weight_memory_bytes", "GROUP_SIZES", "SCHEMES", "QuantScheme", "KERNELS",
     "QuantizedTensor", "choose_kernel",
 ]

@@ -20,8 +20,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from .qat import (LEARNED_SCALE_NAME, FakeQuantEmbedding, FakeQuantLinear, _local, initialize_learned_scales_,
-                  prepare_qat_, quantize_, set_fake_quant_)
+from .qat import initialize_learned_scales_, prepare_qat_, quantize_, reset_learned_scales_, set_fake_quant_
 from .schemes import QuantScheme
 
 __all__ = ["QATConverter", "build_qat_converter"]
@@ -53,10 +52,7 @@ class QATConverter:
     def init_buffers(self, model: nn.Module) -> None:
         # Plain fake quantisation keeps no state (scales come from the current tensors). Learned scales
         # were materialised uninitialised: zero marks them "start from the weights' ranges".
-        for m in model.modules():
-            scale = getattr(m, LEARNED_SCALE_NAME, None) if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) else None
-            if scale is not None:
-                _local(scale).detach().zero_()
+        reset_learned_scales_(model)
 
     def pre_step(self, model: nn.Module, step: int) -> None:
         self._set(model, step >= self.start_step)

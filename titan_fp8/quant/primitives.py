@@ -220,9 +220,9 @@ class _LearnedScale(torch.autograd.Function):
         fmt = ctx.fmt
         v = fmt._grouped(x.float()) / s.float().unsqueeze(-1)  # (..., G, group)
         inside = (v >= fmt.qmin) & (v <= fmt.qmax)
-        g = fmt._grouped(grad.float())
+        g, qg = fmt._grouped(grad.float()), fmt._grouped(q.float())
         grad_x = torch.where(inside, g, torch.zeros_like(g)).reshape(x.shape).to(x.dtype)
-        grad_scale = (g * torch.where(inside, fmt._grouped(q.float()) - v, fmt._grouped(q.float()))).sum(-1)
+        grad_scale = (g * torch.where(inside, qg - v, qg)).sum(-1)
         return grad_x, grad_scale.to(ctx.scale_dtype), None
 
 

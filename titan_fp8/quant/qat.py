@@ -36,7 +36,7 @@ from .schemes import QuantScheme
 from .tensor import QuantizedTensor, choose_kernel
 
 __all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "QuantReport", "skip_reason", "prepare_qat_",
-           "set_fake_quant_", "initialize_learned_scales_", "quantize_", "prepare_for_inference_",
+           "set_fake_quant_", "reset_learned_scales_", "initialize_learned_scales_", "quantize_", "prepare_for_inference_",
            "weight_memory_bytes", "LEARNED_SCALE_NAME"]
 
 LEARNED_SCALE_NAME = "weight_scale"  # the range-learning parameter of a fake-quantised module
@@ -78,14 +78,18 @@ def skip_reason(module: nn.Module, fqn: str, scheme: QuantScheme, filter_fqns: I
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_range_learning(scheme: QuantScheme) -> None:
+    if not scheme.weight.supports_learned_scale:
+        raise ValueError(f"range learning needs symmetric integer weights (int8_dynamic_activation_int4_weight, "
+                         f"int8_weight_only), not {scheme.name}")
+
+
 def _register_learned_scale(module: nn.Module, weight: torch.Tensor, scheme: QuantScheme, range_learning: bool) -> None:
     if not range_learning:
         module.register_parameter(LEARNED_SCALE_NAME, None)
         return
+    _check_range_learning(scheme)
     fmt = scheme.weight
-    if not fmt.supports_learned_scale:
-        raise ValueError(f"range learning needs symmetric integer weights (int8_dynamic_activation_int4_weight, "
-                         f"int8_weight_only), not {scheme.name}")
     rows, k = weight.shape
     # Zero = not initialised yet (initialize_learned_scales_); on the meta device while the model is.
     scale = torch.zeros(rows, fmt.groups(k), dtype=torch.float32, device=weight.device)
@@ -179,9 +183,8 @@ def prepare_qat_(model: nn.Module, scheme: QuantScheme, filter_fqns: Iterable[st
 
     range_learning: each one also gets a trainable `weight_scale` (see the module docstring)."""
     filter_fqns = list(filter_fqns)
-    if range_learning and not scheme.weight.supports_learned_scale:
-        raise ValueError(f"range learning needs symmetric integer weights (int8_dynamic_activation_int4_weight, "
-                         f"int8_weight_only), not {scheme.name}")
+    if range_learning:
+        _check_range_learning(scheme)
     report = QuantReport()
     for fqn, module in list(model.named_modules()):
         if isinstance(module, _FAKE_QUANT) or not isinstance(module, (nn.Linear, nn.Embedding)):
@@ -211,6 +214,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if hasattr(t, "_local_tensor") else t  # DTensor (FSDP): this rank's shard
 
 
+def _learned_scales(model: nn.Module):
+    """(module, its learned scale) for every fake-quantised module with range learning."""
+    for m in model.modules():
+        scale = getattr(m, LEARNED_SCALE_NAME, None) if isinstance(m, _FAKE_QUANT) else None
+        if scale is not None:
+            yield m, scale
+
+
+@torch.no_grad()
+def reset_learned_scales_(model: nn.Module) -> None:
+    """Zero every learned scale (= not initialised): after materialising a model, whose memory is garbage."""
+    for _, scale in _learned_scales(model):
+        _local(scale).zero_()
+
+
 @torch.no_grad()
 def initialize_learned_scales_(model: nn.Module) -> int:
     """Set every learned scale that is still all zero to its weight's range-based scales; returns how many.
@@ -220,10 +238,7 @@ def initialize_learned_scales_(model: nn.Module) -> int:
     checkpoint (non-zero) are kept.
     """
     n = 0
-    for m in model.modules():
-        scale = getattr(m, LEARNED_SCALE_NAME, None) if isinstance(m, _FAKE_QUANT) else None
-        if scale is None:
-            continue
+    for m, scale in _learned_scales(model):
         local_scale, local_weight = _local(scale), _local(m.weight)
         if local_scale.numel() and not bool((local_scale == 0).all()):
             continue
