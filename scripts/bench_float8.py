@@ -8,7 +8,10 @@ process on the same inputs (CUDA only).
 Variants (comma-separated with --variants; default: DEFAULT_VARIANTS[mode]):
   bf16                      plain nn.Linear, bf16
   RECIPE                    titan_fp8 recipe with default settings: tensorwise, rowwise, rowwise_with_gw_hp, delayed
+                            (rowwise's defaults include triton + save8)
   RECIPE+SWITCH[+SWITCH..]  with Float8LinearConfig switches on:
+      plain    cast_backend="torch", save_float8_for_backward=False first (the recipe without speed
+                                               defaults; other switches then turn things back on)
       triton   cast_backend="triton"          fused Triton cast kernels (one amax pass + one dual-layout pass)
       save8    save_float8_for_backward=True   fp8 input (transposed) saved for backward, cast in one forward pass
       reuse    reuse_float8_weight=True        fp8 weight cast once per optimizer step (in `linear`: the weight
@@ -54,19 +57,18 @@ from titan_fp8.float8 import (  # noqa: E402
 from titan_fp8.models import Transformer, llama3_flavors  # noqa: E402
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed")
-SWITCHES = ("triton", "save8", "reuse", "filter")
+SWITCHES = ("plain", "triton", "save8", "reuse", "filter")
 # Most informative first: a budget cut loses the tail.
 LINEAR_SHAPES = ((4096, 4096), (4096, 1024), (8192, 8192), (4096, 14336), (14336, 4096))
 DEFAULT_VARIANTS = {
     "linear": (
-        "bf16,tensorwise,torchao_tensorwise,tensorwise+triton+save8,rowwise,torchao_rowwise,rowwise+triton+save8,"
-        "delayed,delayed+triton+save8,tensorwise+save8,tensorwise+triton,rowwise+save8,"
-        "tensorwise+filter,tensorwise+triton+save8+filter,rowwise+triton+save8+filter,delayed+triton+save8+filter"
+        "bf16,tensorwise,torchao_tensorwise,rowwise,torchao_rowwise,delayed,rowwise+plain,tensorwise+triton+save8,"
+        "delayed+triton+save8,tensorwise+filter,rowwise+filter,delayed+filter"
     ),
-    # ~1 min per variant (mostly compile): the budget may cut the last ones; run them with --variants.
+    # ~20-30 s per variant on an H100 (mostly compile); the budget may cut the last ones.
     "e2e": (
-        "bf16,tensorwise,tensorwise+triton+save8+filter,torchao_tensorwise,tensorwise+filter,"
-        "rowwise+triton+save8+filter,torchao_rowwise,delayed+triton+save8+filter,rowwise"
+        "bf16,tensorwise,torchao_tensorwise,delayed,rowwise,torchao_rowwise,rowwise+plain,tensorwise+filter,"
+        "delayed+filter,tensorwise+triton+save8"
     ),
 }
 
@@ -89,12 +91,15 @@ class Variant:
         return "+".join([self.recipe, *[s for s in SWITCHES if s in self.switches and s != "filter"]])
 
     def float8_config(self) -> Float8LinearConfig:
-        return dataclasses.replace(
-            Float8LinearConfig.from_recipe_name(self.recipe),
-            cast_backend="triton" if "triton" in self.switches else "torch",
-            save_float8_for_backward="save8" in self.switches,
-            reuse_float8_weight="reuse" in self.switches,
-        )
+        config = Float8LinearConfig.from_recipe_name(self.recipe)
+        if "plain" in self.switches:
+            config = dataclasses.replace(config, cast_backend="torch", save_float8_for_backward=False)
+        on = {"triton": dict(cast_backend="triton"), "save8": dict(save_float8_for_backward=True),
+              "reuse": dict(reuse_float8_weight=True)}
+        for switch, fields in on.items():
+            if switch in self.switches:
+                config = dataclasses.replace(config, **fields)
+        return config
 
 
 def parse_variant(name: str) -> Variant:
@@ -708,13 +713,15 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d"), "argv": sys.argv, "mode": a.mode}
     print(f"device {out['device']}, torch {out['torch']}, torchao {ao_version or 'no'}, {out['date']}", flush=True)
 
-    if any("triton" in v.switches for v in variants) and DEVICE == "cuda":
+    uses_triton = [v.name for v in variants if v.kind == "ours" and v.float8_config().cast_backend == "triton"]
+    if uses_triton and DEVICE == "cuda":
         problem = triton_self_check()
         out["triton_self_check"] = problem or "bit-exact vs torch reference"
         print(f"triton cast kernels: {out['triton_self_check']}", flush=True)
         if problem:
-            print("WARNING: dropping the +triton variants (their kernels do not match the reference)", flush=True)
-            variants = [v for v in variants if "triton" not in v.switches]
+            print(f"WARNING: dropping {', '.join(uses_triton)} (the Triton cast kernels do not match the reference)",
+                  flush=True)
+            variants = [v for v in variants if v.name not in uses_triton]
 
     gm, gk, gn = (16384, 4096, 14336) if DEVICE == "cuda" else (64, 64, 224)
     flops = 2 * gm * gk * gn

@@ -52,6 +52,8 @@ def compiled_steps(recipe: str, backend: str, steps: int = 3, device="cpu", dtyp
 
 # The speed switches: custom-op casts (triton backend), fp8 input saved for backward, fp8 weight reuse.
 FAST = dict(cast_backend="triton", save_float8_for_backward=True)
+# The plain path (torch ops for every cast), for recipes whose default uses the switches (rowwise).
+PLAIN = dict(cast_backend="torch", save_float8_for_backward=False)
 
 
 @pytest.mark.parametrize(
@@ -62,10 +64,10 @@ FAST = dict(cast_backend="triton", save_float8_for_backward=True)
         ("rowwise_with_gw_hp", "aot_eager", {}),
         ("delayed", "aot_eager", {}),
         ("tensorwise", "inductor", FAST),
-        ("rowwise", "aot_eager", FAST),
+        ("rowwise", "inductor", PLAIN),
         ("delayed", "aot_eager", {**FAST, "reuse_float8_weight": True}),
     ],
-    ids=["tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed", "tensorwise-fast", "rowwise-fast",
+    ids=["tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed", "tensorwise-fast", "rowwise-torch-casts",
          "delayed-fast-reuse"],
 )
 def test_compiled_mlp_forward_backward_has_no_graph_breaks(recipe, backend, overrides):
@@ -87,13 +89,13 @@ def test_explain_reports_one_graph():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp8 _scaled_mm on sm89+)")
-@pytest.mark.parametrize("fast", [False, True], ids=["default", "triton-save8"])
+@pytest.mark.parametrize("casts", ["default", "torch", "triton-save8"])
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed"])
-def test_cuda_compiled_float8_linear_uses_scaled_mm(recipe, fast):
+def test_cuda_compiled_float8_linear_uses_scaled_mm(recipe, casts):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 _scaled_mm needs sm89+")
-    overrides = {}
-    if fast:
+    overrides = {"default": {}, "torch": PLAIN}.get(casts)
+    if casts == "triton-save8":
         overrides = dict(cast_backend="triton", save_float8_for_backward=recipe != "rowwise_with_gw_hp")
     eager, model, c = compiled_steps(recipe, "inductor", device="cuda", dtype=torch.bfloat16, x_shape=(4, 256, 32),
                                      **overrides)

@@ -5,6 +5,7 @@ import torch
 
 from titan_fp8.float8 import CastConfig, Float8TrainingTensor, Gemm, Operand, ScalingGranularity, cast_to_float8
 from titan_fp8.float8.scaled_mm import MMConfig
+from titan_fp8.float8.scaling import tensor_amax
 from titan_fp8.float8.tensor import FLOAT8_OPS_TABLE
 
 E4M3 = torch.float8_e4m3fn
@@ -21,6 +22,22 @@ def rowwise(x, axis=1):
 
 def hp(t):
     return t.to_original_precision()
+
+
+@pytest.mark.parametrize("shape", [(37,), (5, 37), (3, 5, 37)])
+def test_tensor_amax_is_the_exact_max_abs_whatever_the_layout(shape):
+    # The tensorwise amax is reduced per row first (so torch.compile can fuse it); a max is exact, so the
+    # result must equal the flat max|x| bit for bit, for contiguous and transposed inputs alike.
+    x = torch.randn(shape, dtype=torch.bfloat16) * 3
+    x.view(-1)[17] = -40.0  # the extreme value is negative, away from the first row
+    for t in (x, x.transpose(0, -1)):
+        amax = tensor_amax(t)
+        assert amax.dtype == torch.float32 and amax.shape == () and amax.item() == 40.0
+    for poison, expect_nan in ((float("inf"), False), (float("nan"), True)):
+        y = x.clone()
+        y.view(-1)[-1] = poison
+        amax = tensor_amax(y)
+        assert torch.isnan(amax) if expect_nan else torch.isinf(amax)
 
 
 def test_metadata_and_dtype():

@@ -159,10 +159,12 @@ class Float8:
     emulate: bool = _opt(False, "dequantise + matmul instead of _scaled_mm (GPUs without fp8 GEMMs)")
     filter_small_gemms: bool = _opt(False, "keep Linears whose fp8 GEMMs are predicted slower than bf16 at this "
                                            "micro-batch's token count in high precision (each logged with why)")
-    cast_backend: str = _opt("torch", "fp8 casts: torch (ops fused by torch.compile) or triton (fused kernels: "
-                                      "one amax pass + one pass writing both layouts)", choices=("torch", "triton"))
-    save_float8_for_backward: bool = _opt(False, "save the fp8 input (both layouts cast in one forward pass) for "
-                                                 "backward instead of the high-precision input")
+    cast_backend: Optional[str] = _opt(None, "fp8 casts: torch (ops fused by torch.compile) or triton (fused kernels: "
+                                              "one amax pass + one pass writing both layouts); default: the recipe's "
+                                              "(triton for rowwise, torch otherwise)", choices=("torch", "triton"))
+    save_float8_for_backward: Optional[bool] = _opt(None, "save the fp8 input (both layouts cast in one forward pass) "
+                                                          "for backward instead of the high-precision input; default: "
+                                                          "the recipe's (on for rowwise)")
     reuse_float8_weight: bool = _opt(False, "cast each weight to fp8 once per optimizer step and reuse it across "
                                             "gradient-accumulation micro-batches (not with FSDP)")
 
@@ -399,15 +401,16 @@ def _parse_cli(argv: list[str]) -> tuple[Optional[str], dict]:
         # `--section.no_flag` turns a boolean off.
         if (not eq and key.startswith("no_") and section in SECTIONS
                 and key not in _field_types(SECTIONS[section])
-                and _field_types(SECTIONS[section]).get(key[3:]) is bool):
+                and _unwrap_optional(_field_types(SECTIONS[section]).get(key[3:]))[0] is bool):
             values.setdefault(section, {})[key[3:]] = False
             i += 1
             continue
         tp = _lookup(section, key, f"--{name}: ")
         if eq:
             text = inline
-        elif tp is bool and (i + 1 >= len(argv) or argv[i + 1].lower() not in _TRUE | _FALSE):
-            text = "true"  # a bare `--section.flag`
+        elif (_unwrap_optional(tp)[0] is bool
+              and (i + 1 >= len(argv) or argv[i + 1].lower() not in _TRUE | _FALSE | {"none", "null"})):
+            text = "true"  # a bare `--section.flag` (also for flags whose default None means "recipe's choice")
         elif i + 1 < len(argv):
             text, i = argv[i + 1], i + 1
         else:
@@ -453,7 +456,7 @@ def validate(config: JobConfig) -> None:
         for f in dataclasses.fields(obj):
             choices = f.metadata.get("choices")
             value = getattr(obj, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(f"{section}.{f.name}: expected one of {', '.join(choices)}, got {value!r}"
                                   f"{_did_you_mean(str(value), choices)}")
 

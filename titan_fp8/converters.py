@@ -57,16 +57,20 @@ class Float8Converter(ModelConverter):
     def __init__(self, *, recipe_name: str, filter_fqns: list[str], enable_fsdp_float8_all_gather: bool,
                  precompute_scale: bool, amax_history_len: int, margin: int, amax_compute_algo: str,
                  emulate: bool, process_group=None, filter_small_gemms: bool = False,
-                 tokens_per_microbatch: Optional[int] = None, cast_backend: str = "torch",
-                 save_float8_for_backward: bool = False, reuse_float8_weight: bool = False):
+                 tokens_per_microbatch: Optional[int] = None, cast_backend: Optional[str] = None,
+                 save_float8_for_backward: Optional[bool] = None, reuse_float8_weight: bool = False):
         import dataclasses
 
         from titan_fp8.float8 import Float8LinearConfig
 
         base = Float8LinearConfig.from_recipe_name(recipe_name)
         overrides = dict(emulate=emulate, enable_fsdp_float8_all_gather=enable_fsdp_float8_all_gather,
-                         cast_backend=cast_backend, save_float8_for_backward=save_float8_for_backward,
                          reuse_float8_weight=reuse_float8_weight)
+        # None keeps the recipe's choice (rowwise: the Triton casts and the saved fp8 input).
+        if cast_backend is not None:
+            overrides["cast_backend"] = cast_backend
+        if save_float8_for_backward is not None:
+            overrides["save_float8_for_backward"] = save_float8_for_backward
         if recipe_name == "delayed":
             overrides.update(amax_history_len=amax_history_len, margin=margin, amax_compute_algo=amax_compute_algo)
         self.config = dataclasses.replace(base, **overrides)

@@ -27,12 +27,18 @@ def tensor_amax(x: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
     """
     if axis is None and x.numel() == 0:  # e.g. an FSDP rank holding no rows of a small weight
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    # One reduction kernel in eager (x.abs().amax() would first write |x|); under torch.compile both
-    # lower to the same fused abs-max reduction.
-    if axis is None:
-        amax = torch.linalg.vector_norm(x, ord=math.inf)
-    else:
+    if axis is not None:
         amax = torch.linalg.vector_norm(x, ord=math.inf, dim=axis, keepdim=True)
+    elif x.dim() >= 2:
+        # Max of the per-row maxima, not one flat reduction: the same value (a max is exact), but under
+        # torch.compile a row reduction has the loop shape of the producer's pointwise/row kernels, so
+        # inductor fuses the amax into the kernel that writes the fp8 cast (delayed scaling: one pass
+        # instead of two; H100, 4 Llama3-8B layers: 3.6 ms less cast time per step, docs/performance.md).
+        # A flat reduction is split into chunks of arbitrary shape and always runs as its own kernel.
+        # vector_norm(inf) rather than abs().amax(): no |x| intermediate in eager.
+        amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1).amax()
+    else:
+        amax = torch.linalg.vector_norm(x, ord=math.inf)
     return amax.to(torch.float32)
 
 
