@@ -14,7 +14,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-E2E_VARIANTS=${E2E_VARIANTS:-bf16,tensorwise+triton+save8+filter,torchao_tensorwise,rowwise+triton+save8+filter,torchao_rowwise,delayed+triton+save8+filter,tensorwise}
+E2E_VARIANTS=${E2E_VARIANTS:-bf16,tensorwise,torchao_tensorwise,rowwise,torchao_rowwise,rowwise+plain,delayed}
 
 gpu_tests() {
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_float8_kernels.py tests/test_quant_gpu.py \
