@@ -94,9 +94,8 @@ def test_explain_reports_one_graph():
 def test_cuda_compiled_float8_linear_uses_scaled_mm(recipe, casts):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 _scaled_mm needs sm89+")
-    overrides = {"default": {}, "torch": PLAIN}.get(casts)
-    if casts == "triton-save8":
-        overrides = dict(cast_backend="triton", save_float8_for_backward=recipe != "rowwise_with_gw_hp")
+    overrides = {"default": {}, "torch": PLAIN,
+                 "triton-save8": dict(cast_backend="triton", save_float8_for_backward=recipe != "rowwise_with_gw_hp")}[casts]
     eager, model, c = compiled_steps(recipe, "inductor", device="cuda", dtype=torch.bfloat16, x_shape=(4, 256, 32),
                                      **overrides)
     assert sum(c["graph_break"].values()) == 0, dict(c["graph_break"])

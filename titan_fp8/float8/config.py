@@ -351,7 +351,7 @@ def _rowwise() -> Float8LinearConfig:
     # Rowwise casts each operand twice (per-row scales for one GEMM, per-column for the other): the Triton
     # kernels measure both amaxes in one pass and write both layouts in one more, and the forward keeps
     # the fp8 transposed input for grad_weight. Same bits as the torch path (tests/test_float8_kernels.py);
-    # H100, 4 Llama3-8B layers end to end: 1.174x bf16 against 1.117x for the torch path, peak memory
+    # H100, 4 Llama3-8B layers end to end: 1.169x bf16 against 1.112x for the torch path, peak memory
     # 0.98x instead of 0.94x (docs/performance.md). Tensorwise/delayed stay on the torch path, where
     # inductor fuses the casts into RMSNorm and SwiGLU and the Triton kernels measured no faster.
     return Float8LinearConfig(
