@@ -298,6 +298,46 @@ def test_learned_scale_forward_is_the_format_and_backward_is_lsq(name):
     assert (w1.grad == 0).any() and (w1.grad != 0).any()  # clipped elements pass no gradient to the weight
 
 
+def compiled_qat_gradient_errors(device: str, range_learning: bool, autocast_dtype=None) -> dict[str, float]:
+    """Relative error of each parameter's gradient with the blocks compiled (fullgraph, as the trainer
+    compiles them) vs eager, for one forward + backward of the tiny model under 8da4w QAT."""
+    import copy
+
+    scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
+    eager = tiny_model().train()
+    prepare_qat_(eager, scheme, range_learning=range_learning)
+    if range_learning:
+        initialize_learned_scales_(eager)
+    eager = eager.to(device)
+    eager.rope_cache = eager.rope_cache.to(device)
+    compiled = copy.deepcopy(eager)
+    for block in compiled.layers.values():
+        block.compile(fullgraph=True)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, TINY.vocab_size, (4, 64), device=device)
+    for model in (eager, compiled):
+        with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+    errors = {}
+    for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        errors[name] = float((p.grad - q.grad).float().norm() / p.grad.float().norm().clamp(min=1e-12))
+    return errors
+
+
+@pytest.mark.parametrize("range_learning", [False, True], ids=["plain", "learned_scales"])
+def test_compiled_qat_gradients_match_eager(range_learning):
+    # torch 2.11 on CUDA lost the weight gradients of a compiled straight-through autograd.Function
+    # (tests/test_quant_gpu.py runs this on CUDA); the fake quantisation is plain autograd ops since.
+    # The fake-quantised values are identical compiled and eager (scales rounded to bf16 by integer ops:
+    # primitives.round_to_dtype), so only fp32 reassociation differs: measured 5e-7 of the norm; bound 1e-4.
+    errors = compiled_qat_gradient_errors("cpu", range_learning)
+    assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+    if range_learning:
+        assert any(name.endswith(LEARNED_SCALE_NAME) for name in errors)
+
+
 def test_range_learning_modules_initialise_convert_and_refuse_other_schemes():
     scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
     model = tiny_model()

@@ -103,11 +103,11 @@ class QuantFormat:
             amax = xg.abs().amax(dim=-1)  # (..., G)
             # Integer: map [-amax, amax] onto [qmin, qmax] (int4: amax / 7.5, as torchao); float8: amax / 448.
             half_range = FLOAT8_MAX if self.is_float8 else (self.qmax - self.qmin) / 2
-            scale = (amax / half_range).clamp(min=SCALE_EPS).to(self.scale_dtype)
+            scale = round_to_dtype((amax / half_range).clamp(min=SCALE_EPS), self.scale_dtype)
             return scale, None
         lo = xg.amin(dim=-1).clamp(max=0.0)  # the range always holds 0, so 0 is exactly representable
         hi = xg.amax(dim=-1).clamp(min=0.0)
-        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp(min=SCALE_EPS).to(self.scale_dtype)
+        scale = round_to_dtype(((hi - lo) / (self.qmax - self.qmin)).clamp(min=SCALE_EPS), self.scale_dtype)
         zero_point = (self.qmin - torch.round(lo / scale.float())).clamp(self.qmin, self.qmax)
         return scale, zero_point
 
@@ -118,7 +118,7 @@ class QuantFormat:
 
     def stored_scale(self, learned: torch.Tensor) -> torch.Tensor:
         """A learned (fp32, trainable) scale as the format stores and uses it: > 0, rounded to scale_dtype."""
-        return learned.detach().float().clamp(min=SCALE_EPS).to(self.scale_dtype)
+        return round_to_dtype(learned.detach().float().clamp(min=SCALE_EPS), self.scale_dtype)
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor]) -> torch.Tensor:
         """x (..., K) -> quantised values (..., K) in `qdtype` (int4 unpacked, one value per int8)."""
@@ -150,6 +150,21 @@ class QuantFormat:
         return f"{self.kind} {sym}, {gran}, {str(self.scale_dtype).replace('torch.', '')} scales"
 
 
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x rounded (to nearest, ties to even) to dtype, with the same result eager and compiled.
+
+    Inside one fused kernel inductor keeps bf16 intermediates in fp32 (its `emulate_precision_casts` is off
+    by default), so `.to(torch.bfloat16)` followed by `.float()` does not round there: compiled QAT used
+    unrounded scales and its forward differed from the exported model's (most weights of a group 32
+    int4 fake quantisation, measured). Rounding with integer ops on the bits is exact in both.
+    """
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    bits = x.float().view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000  # keep the high half, round to nearest even
+    return bits.view(torch.float32).to(dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # int4 packing: two values per byte
 # --------------------------------------------------------------------------------------------------
@@ -178,60 +193,38 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class _StraightThrough(torch.autograd.Function):
-    """forward: dequantize(quantize(x)); backward: the identity (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-        return fmt.quantize_dequantize(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+# Both functions below are written with detach() rather than as torch.autograd.Function: compiled on CUDA
+# with torch 2.11, the straight-through Function (backward = the incoming gradient, returned as is) lost
+# the gradients of the weights it fed (a compiled 8da4w block's weight gradients came out ~0 and its
+# activations were not saved; eager, and CPU with torch 2.13, were right). Plain autograd ops compile
+# everywhere. Each returns `exact + (surrogate - surrogate.detach())`: the value is the serving format's
+# dequantize(quantize(.)) bit for bit (the second term is +0 wherever the input is finite), the gradient
+# is the surrogate's.
 
 
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """Quantise and dequantise x in its own dtype; gradients pass straight through."""
-    return _StraightThrough.apply(x, fmt)
-
-
-class _LearnedScale(torch.autograd.Function):
-    """forward: dequantize(quantize(x)) with the given (learned) per-group scale, exactly as the serving
-    format computes it with that scale stored; backward: LSQ (Esser et al., 2019). With v = x / s,
-    q = clamp(round(v), qmin, qmax):
-
-        d out / d x = 1 where qmin <= v <= qmax, else 0
-        d out / d s = q - v where qmin <= v <= qmax, else q      (summed over the group)
-
-    The gradient reaches the fp32 master scale straight through its rounding to scale_dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-        s = fmt.stored_scale(scale)
-        q = fmt.quantize(x, s, None)
-        ctx.save_for_backward(x, s, q)
-        ctx.fmt, ctx.scale_dtype = fmt, scale.dtype
-        return fmt.dequantize(q, s, None, x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, s, q = ctx.saved_tensors
-        fmt = ctx.fmt
-        v = fmt._grouped(x.float()) / s.float().unsqueeze(-1)  # (..., G, group)
-        inside = (v >= fmt.qmin) & (v <= fmt.qmax)
-        g, qg = fmt._grouped(grad.float()), fmt._grouped(q.float())
-        grad_x = torch.where(inside, g, torch.zeros_like(g)).reshape(x.shape).to(x.dtype)
-        grad_scale = (g * torch.where(inside, qg - v, qg)).sum(-1)
-        return grad_x, grad_scale.to(ctx.scale_dtype), None
+    """Quantise and dequantise x in its own dtype; gradients pass straight through (identity)."""
+    return fmt.quantize_dequantize(x.detach()) + (x - x.detach())
 
 
 def fake_quantize_learned_scale(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Fake-quantise x (..., K) with a trainable per-group scale (..., K // group) (range learning).
 
     Symmetric integer formats only. The forward equals the serving format's dequantize(quantize(x)) with
-    `fmt.stored_scale(scale)` as its stored scale, bit for bit.
+    `fmt.stored_scale(scale)` as its stored scale, bit for bit. The backward is LSQ (Esser et al., 2019):
+    with v = x / s and q = clamp(round(v), qmin, qmax),
+
+        d out / d x = 1 where qmin <= v <= qmax, else 0
+        d out / d s = q - v where qmin <= v <= qmax, else q      (summed over the group)
+
+    which is what autograd gives for clamp(v) with its rounding straight through, times s. The gradient
+    reaches the fp32 master scale straight through its rounding to scale_dtype.
     """
     if not fmt.supports_learned_scale:
         raise ValueError(f"learned scales need a symmetric integer format, got {fmt.describe()}")
-    return _LearnedScale.apply(x, scale, fmt)
+    stored = fmt.stored_scale(scale)  # detached
+    exact = fmt.dequantize(fmt.quantize(x.detach(), stored, None), stored, None, x.dtype)
+    s = (scale.float() + (stored.float() - scale.float()).detach()).unsqueeze(-1)  # value: stored; grad: 1
+    v = (fmt._grouped(x.float()) / s).clamp(fmt.qmin, fmt.qmax)  # (..., G, group)
+    surrogate = ((v + (torch.round(v) - v).detach()) * s).reshape(x.shape)
+    return exact + (surrogate - surrogate.detach()).to(x.dtype)
