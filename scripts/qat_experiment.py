@@ -1,18 +1,23 @@
-"""QAT vs PTQ on the debug model (CPU, ~10 minutes): how much of PTQ's damage does QAT recover?
+"""QAT vs PTQ on the debug model (CPU, ~10 minutes) or a bigger one (GPU): how much of PTQ's damage does QAT recover?
 
 Three models, same data, same number of steps, same schedule:
-  baseline  train.py on configs/debug.toml for --steps steps in fp32 (the debug config's
-            mixed_precision_param = float32; CPU has no bf16 autocast here)
+  baseline  train.py on --config (default configs/debug.toml) for --steps steps (the debug config trains
+            in fp32: mixed_precision_param = float32; configs/llama3_small.toml in bf16)
   PTQ       the baseline's final checkpoint exported with --scheme (default 8da4w)
   QAT       resume the baseline's checkpoint at --qat_start (default steps/2) with `--qat.enable` (fake
             quantisation of every Linear and the embedding: `--qat.filter_fqns ""`, as export
             quantises) and train to --steps; then exported with the same scheme
-The quantised models are the real artifacts, loaded by scripts/generate.py's loader and run with the CPU
-kernels. Held-out loss is the mean next-token cross-entropy over the whole validation split of the
-embedded corpus (27 batches of 8 x 256 tokens). Recovery = (L_ptq - L_qat) / (L_ptq - L_base), also on
+The quantised models are the real artifacts, loaded by scripts/generate.py's loader and run with the
+kernels of --device. Held-out loss is the mean next-token cross-entropy over the whole validation split of the
+embedded corpus (27 batches of 8 x 256 tokens with Python 3.11's standard library). Recovery = (L_ptq - L_qat) / (L_ptq - L_base), also on
 perplexity (torchao's ~68% is on wikitext perplexity for Llama3-8B).
 
     python scripts/qat_experiment.py --workdir /tmp/qat_exp            # writes results.json + results.md
+
+On one GPU, the "small" flavor (76M parameters in the blocks; scripts/device_qat_scale.sh):
+
+    python scripts/qat_experiment.py --config configs/llama3_small.toml --steps 1100 --qat_start 900 \
+        --group_size 256 --device cuda
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ import torch  # noqa: E402
 QAT_SCHEME = "int8_dynamic_activation_int4_weight"
 
 
-def train(workdir: str, name: str, steps: int, extra: list[str]) -> float:
+def train(workdir: str, name: str, config: str, steps: int, extra: list[str]) -> float:
     dump = os.path.join(workdir, name)
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "debug.toml"),
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", config,
            "--job.dump_folder", dump, "--training.steps", str(steps), "--checkpoint.enable",
            "--checkpoint.keep_latest_k", "0", "--validation.no_enable", "--metrics.no_enable_tensorboard",
            "--metrics.log_freq", "50", *extra]
@@ -65,6 +70,9 @@ def heldout_loss(model, batches, device=None) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/titan_fp8_qat_experiment")
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "debug.toml"),
+                   help="trainer config of both runs (configs/llama3_small.toml: the GPU-sized experiment)")
+    p.add_argument("--device", default="cpu", help="where the held-out losses are computed (cpu or cuda)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--qat_start", type=int, default=None, help="default: steps // 2")
     p.add_argument("--scheme", default=QAT_SCHEME)
@@ -78,18 +86,20 @@ def main(argv=None) -> int:
     import generate as generate_script
 
     from titan_fp8.data import build_dataloader, build_tokenizer
+    from titan_fp8.quant import QuantScheme, prepare_qat_
 
     timings = {}
     base_ckpt = os.path.join(a.workdir, "baseline", "checkpoint")
     if not (a.reuse and os.path.isdir(os.path.join(base_ckpt, f"step-{a.steps}"))):
         shutil.rmtree(os.path.join(a.workdir, "baseline"), ignore_errors=True)
-        timings["baseline_train_s"] = train(a.workdir, "baseline", a.steps, ["--checkpoint.interval", str(start)])
+        timings["baseline_train_s"] = train(a.workdir, "baseline", a.config, a.steps,
+                                            ["--checkpoint.interval", str(start)])
     qat_ckpt = os.path.join(a.workdir, "qat", "checkpoint")
     if not (a.reuse and os.path.isdir(os.path.join(qat_ckpt, f"step-{a.steps}"))):
         shutil.rmtree(os.path.join(a.workdir, "qat"), ignore_errors=True)
         os.makedirs(qat_ckpt)
         shutil.copytree(os.path.join(base_ckpt, f"step-{start}"), os.path.join(qat_ckpt, f"step-{start}"))
-        timings["qat_train_s"] = train(a.workdir, "qat", a.steps, [
+        timings["qat_train_s"] = train(a.workdir, "qat", a.config, a.steps, [
             "--checkpoint.interval", str(a.steps), "--qat.enable", "--qat.scheme", a.scheme,
             "--qat.group_size", str(a.group_size), "--qat.start_step", str(start + 1), "--qat.filter_fqns", ""])
 
@@ -98,15 +108,28 @@ def main(argv=None) -> int:
                                     local_batch_size=8, split="validation", infinite=False))
     n_tokens = sum(y.numel() for _, y in batches)
     rows = []
+    device = torch.device(a.device)
+
+    def on_device(model):
+        model = model.to(device)
+        model.rope_cache = model.rope_cache.to(device)  # a plain attribute, not a buffer: .to() skips it
+        return model
 
     def add(name, loss, size=None, note=""):
         rows.append({"model": name, "loss": loss, "ppl": math.exp(loss), "artifact_bytes": size, "note": note})
         print(f"[qat_experiment] {name:40s} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {note}", flush=True)
 
     base_model, _ = export_script.load_checkpoint(os.path.join(base_ckpt, f"step-{a.steps}"))
-    add("baseline (fp32)", heldout_loss(base_model, batches))
+    add("baseline (fp32)", heldout_loss(on_device(base_model), batches, device))
     qat_model, _ = export_script.load_checkpoint(os.path.join(qat_ckpt, f"step-{a.steps}"))
-    add("QAT weights, not quantised (fp32)", heldout_loss(qat_model, batches), note="for reference")
+    add("QAT weights, not quantised (fp32)", heldout_loss(on_device(qat_model), batches, device), note="for reference")
+    # The same two models fake-quantised in fp32 (the QAT forward, activations included): tells the artifact's
+    # kernels apart from the quantisation itself.
+    qat_scheme = QuantScheme.from_name(a.scheme, group_size=a.group_size)
+    for label, model in (("PTQ", base_model), ("QAT", qat_model)):
+        prepare_qat_(model, qat_scheme)
+        add(f"{label} {a.scheme}, fake-quantised (fp32)", heldout_loss(model, batches, device), note="reference path")
+    del base_model, qat_model
 
     arts = os.path.join(a.workdir, "artifacts")
     for label, ckpt, scheme in [("baseline", base_ckpt, "bf16"), ("PTQ", base_ckpt, a.scheme), ("QAT", qat_ckpt, a.scheme),
@@ -115,9 +138,9 @@ def main(argv=None) -> int:
         out = os.path.join(arts, f"{label}-{scheme}")
         config, _ = export_script.export(os.path.join(ckpt, f"step-{a.steps}"), scheme, out,
                                          group_size=a.group_size, overwrite=True)
-        model, _, _, kernels = generate_script.load_model(out)
+        model, _, _, kernels = generate_script.load_model(out, device=device)
         kinds = sorted(set(kernels.converted.values())) if kernels and kernels.converted else ["float"]
-        add(f"{label} {scheme} artifact", heldout_loss(model, batches), config["files"]["model.safetensors"]["size"],
+        add(f"{label} {scheme} artifact", heldout_loss(model, batches, device), config["files"]["model.safetensors"]["size"],
             note=f"kernels {','.join(kinds)}")
 
     by = {r["model"]: r for r in rows}
@@ -126,7 +149,8 @@ def main(argv=None) -> int:
     rec_ppl = (ptq["ppl"] - qat["ppl"]) / (ptq["ppl"] - base["ppl"])
     result = {"steps": a.steps, "qat_start": start, "scheme": a.scheme, "group_size": a.group_size,
               "heldout_tokens": n_tokens, "rows": rows, "recovery_loss": rec_loss, "recovery_ppl": rec_ppl,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), **timings}
+              "config": os.path.relpath(a.config, REPO), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **timings}
     with open(os.path.join(a.workdir, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     bf16 = by["baseline bf16 artifact"]["artifact_bytes"]

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from titan_fp8.config import ConfigError, JobConfig, help_text, load_config
+from titan_fp8.models import llama3_flavors
 
 
 def test_defaults_toml_cli_precedence(tmp_path):
@@ -43,9 +44,12 @@ def test_help_lists_every_option():
 
 
 def test_configs_in_repo_load(repo_root):
-    for name in ("debug", "llama3_8b", "llama3_70b", "llama3_405b"):
+    names = ("debug", "llama3_small", "llama3_8b", "llama3_70b", "llama3_405b")
+    assert sorted(f"{n}.toml" for n in names) == sorted(os.listdir(os.path.join(repo_root, "configs")))
+    for name in names:
         cfg = load_config(["--config", os.path.join(repo_root, "configs", f"{name}.toml")])
         assert cfg.model.name == "llama3"
+        assert cfg.model.flavor in llama3_flavors
 
 
 def _write(tmp_path, text):

@@ -359,7 +359,8 @@ def test_qat_compare_arms(qat_run, tmp_path, capsys):
     assert r0["arms"]["titan_fp8_range_learning"] == {"skipped": "--no_range_learning"}
     base, _ = export_script.load_checkpoint(str(qat_run))
     val = list(build_dataloader(dataset="stdlib", dataset_path=None, tokenizer=build_tokenizer(None, vocab_size=4096),
-                                seq_len=64, local_batch_size=4, split="validation", infinite=False))
+                                seq_len=256, local_batch_size=8, split="validation", infinite=False))
+    # held out: the whole validation split in 8 x 256 batches (--eval_seq_len / --eval_batch_size defaults)
     assert r0["arms"]["fp32"]["loss"] == qat_compare.heldout_loss(base, val, torch.device("cpu"))
     assert arm0["ptq_loss"] > r0["arms"]["fp32"]["loss"]  # int4 costs something
     # Two steps: both arms train (their losses move) and the recovery is computed from them.

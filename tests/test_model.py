@@ -58,6 +58,15 @@ def test_published_sizes_on_meta(flavor, params, ffn_hidden):
     assert num_params(model, exclude_embedding=True) == params - n_emb == args.num_params(exclude_embedding=True)
 
 
+def test_small_flavor_shape():
+    # GPT-2-small's width and depth; the flavor comment and docs/qat.md quote 76M parameters in the blocks.
+    args = llama3_flavors["small"]
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim) == (768, 12, 12, 4, 2048)
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(args, vocab_size=4096))
+    assert round(sum(p.numel() for p in model.layers.parameters()) / 1e6) == 76
+
+
 def test_flops_per_token_is_torchtitan_formula():
     args = llama3_flavors["8B"]
     with torch.device("meta"):

@@ -48,7 +48,7 @@ class Job:
 @dataclass(frozen=True)
 class Model:
     name: str = _opt("llama3", "model family", choices=("llama3",))
-    flavor: str = _opt("debugmodel", "model size: debugmodel, 8B, 70B, 405B")
+    flavor: str = _opt("debugmodel", "model size: debugmodel, small, 8B, 70B, 405B")
     n_layers: int = _opt(0, "override the flavor's number of layers (0 = the flavor's own)")
     tokenizer_path: Optional[str] = _opt(
         None, "sentencepiece .model file; unset = BPE trained on the embedded corpus and cached")

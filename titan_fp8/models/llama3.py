@@ -141,11 +141,18 @@ class ModelArgs:
         return 6 * self.num_params(exclude_embedding=True) + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
-# Published shapes (Llama 3.1 model card / torchtitan). vocab_size of debugmodel is a placeholder:
-# the trainer replaces it with the tokenizer's.
+# Published shapes (Llama 3.1 model card / torchtitan) plus two small ones. vocab_size of debugmodel and
+# small is a placeholder: the trainer replaces it with the tokenizer's.
 llama3_flavors: dict[str, ModelArgs] = {
     "debugmodel": ModelArgs(
         dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=256,
+        rope_theta=500000.0, max_seq_len=2048,
+    ),
+    # Not a published Llama size: GPT-2-small's width and depth (76M parameters in the blocks), big
+    # enough that 4-bit quantisation hurts measurably, small enough to train on one GPU in minutes
+    # (configs/llama3_small.toml; the QAT experiment in docs/qat.md).
+    "small": ModelArgs(
+        dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=4096, multiple_of=256,
         rope_theta=500000.0, max_seq_len=2048,
     ),
     "8B": ModelArgs(
