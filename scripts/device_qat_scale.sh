@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
 
 # The config's batch shape and schedule, for qat_compare's data and learning rates.
-read -r SEQ BATCH LR_MID LR_END LR_LAST < <(python - "$CONFIG" "$STEPS" "$QAT_START" <<'PY'
+read -r SEQ BATCH LR_MID LR_END < <(python - "$CONFIG" "$STEPS" "$QAT_START" <<'PY'
 import sys
 from titan_fp8.config import load_config
 from titan_fp8.optim import lr_factor
@@ -42,7 +42,7 @@ s = cfg.lr_scheduler
 lr = lambda i: cfg.optimizer.lr * lr_factor(i, warmup_steps=s.warmup_steps, total_steps=steps, decay_type=s.decay_type,
                                             decay_ratio=s.decay_ratio, min_lr_factor=s.min_lr_factor)
 # trainer step i+1 runs at lr(i): the QAT arm's steps start+1..steps run at lr(start)..lr(steps-1)
-print(cfg.training.seq_len, cfg.training.local_batch_size, lr(start), lr(steps - 1), lr(steps - 1))
+print(cfg.training.seq_len, cfg.training.local_batch_size, lr(start), lr(steps - 1))
 PY
 )
 echo "seq $SEQ batch $BATCH; mid-run lr $LR_MID -> $LR_END"
@@ -71,8 +71,8 @@ python scripts/qat_compare.py --checkpoint "$CKPT/step-$QAT_START" --steps $((ST
   --final_lr "$LR_END" --group_size "$GROUP" --seq_len "$SEQ" --local_batch_size "$BATCH" --device "$DEVICE" \
   --no_range_learning --json "$LOGDIR/qat_scale_compare_midrun.json"
 
-echo "== 3. side by side with torchao: fine-tune of the finished model (lr $LR_LAST, $FINETUNE_STEPS steps)"
-python scripts/qat_compare.py --checkpoint "$CKPT/step-$STEPS" --steps "$FINETUNE_STEPS" --lr "$LR_LAST" \
+echo "== 3. side by side with torchao: fine-tune of the finished model (lr $LR_END, $FINETUNE_STEPS steps)"
+python scripts/qat_compare.py --checkpoint "$CKPT/step-$STEPS" --steps "$FINETUNE_STEPS" --lr "$LR_END" \
   --group_size "$GROUP" --seq_len "$SEQ" --local_batch_size "$BATCH" --device "$DEVICE" \
   --no_range_learning --json "$LOGDIR/qat_scale_compare_finetune.json"
 echo "== done"

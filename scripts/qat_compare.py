@@ -143,8 +143,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":  # TF32 matmuls (fp32 storage and accumulation): every arm alike, 3-6x faster
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    base = base.to(device)
-    base.rope_cache = base.rope_cache.to(device)
+    base = base.to(device)  # the RoPE table too: a (non-persistent) buffer
     scheme = QuantScheme.from_name(SCHEME, group_size=a.group_size)
     ours_prepare = lambda m: prepare_qat_(m, scheme)  # noqa: E731
 

@@ -110,19 +110,14 @@ def main(argv=None) -> int:
     rows = []
     device = torch.device(a.device)
 
-    def on_device(model):
-        model = model.to(device)
-        model.rope_cache = model.rope_cache.to(device)  # a plain attribute, not a buffer: .to() skips it
-        return model
-
     def add(name, loss, size=None, note=""):
         rows.append({"model": name, "loss": loss, "ppl": math.exp(loss), "artifact_bytes": size, "note": note})
         print(f"[qat_experiment] {name:40s} loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {note}", flush=True)
 
     base_model, _ = export_script.load_checkpoint(os.path.join(base_ckpt, f"step-{a.steps}"))
-    add("baseline (fp32)", heldout_loss(on_device(base_model), batches, device))
+    add("baseline (fp32)", heldout_loss(base_model.to(device), batches, device))
     qat_model, _ = export_script.load_checkpoint(os.path.join(qat_ckpt, f"step-{a.steps}"))
-    add("QAT weights, not quantised (fp32)", heldout_loss(on_device(qat_model), batches, device), note="for reference")
+    add("QAT weights, not quantised (fp32)", heldout_loss(qat_model.to(device), batches, device), note="for reference")
     # The same two models fake-quantised in fp32 (the QAT forward, activations included): tells the artifact's
     # kernels apart from the quantisation itself.
     qat_scheme = QuantScheme.from_name(a.scheme, group_size=a.group_size)

@@ -5,6 +5,7 @@ forward bit for bit; with the CPU low-precision kernels, logits stay within SQNR
 on this tiny model: 74 dB for 8da4w, >= 130 dB for the others).
 """
 
+import copy
 import math
 
 import pytest
@@ -301,15 +302,12 @@ def test_learned_scale_forward_is_the_format_and_backward_is_lsq(name):
 def compiled_qat_gradient_errors(device: str, range_learning: bool, autocast_dtype=None) -> dict[str, float]:
     """Relative error of each parameter's gradient with the blocks compiled (fullgraph, as the trainer
     compiles them) vs eager, for one forward + backward of the tiny model under 8da4w QAT."""
-    import copy
-
     scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
     eager = tiny_model().train()
     prepare_qat_(eager, scheme, range_learning=range_learning)
     if range_learning:
         initialize_learned_scales_(eager)
     eager = eager.to(device)
-    eager.rope_cache = eager.rope_cache.to(device)
     compiled = copy.deepcopy(eager)
     for block in compiled.layers.values():
         block.compile(fullgraph=True)
