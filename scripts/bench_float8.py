@@ -2,7 +2,8 @@
 process on the same inputs (CUDA only).
 
   python scripts/bench_float8.py linear                 # per-Linear fwd+bwd at M=16384, 5 shapes
-  python scripts/bench_float8.py e2e                    # 4 Llama3-8B layers, batch 2 x 8192, AdamW step
+  python scripts/bench_float8.py e2e                    # 4 Llama3-8B layers, batch 2 x 8192, AdamW step,
+                                                        # the compiled loss (--loss eager: as before 2026-11-28)
   python scripts/bench_float8.py linear --variants bf16,tensorwise,tensorwise+triton+save8
 
 Variants (comma-separated with --variants; default: DEFAULT_VARIANTS[mode]):
@@ -54,6 +55,7 @@ from titan_fp8.float8 import (  # noqa: E402
     small_gemm_filter,
     sync_float8_amax_and_scale_history,
 )
+from titan_fp8.loss import cross_entropy_loss  # noqa: E402
 from titan_fp8.models import Transformer, llama3_flavors  # noqa: E402
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed")
@@ -493,7 +495,7 @@ def bench_e2e(a, variants: list[Variant], with_ao: bool, budget: Budget, partial
     tokens = torch.randint(0, a.vocab, (a.grad_accum, a.batch, a.seq_len), device=DEVICE)
     results: dict = partial if partial is not None else {}
     results.update({"flavor": a.flavor, "n_layers": a.n_layers, "batch": a.batch, "seq_len": a.seq_len,
-                    "vocab": a.vocab, "grad_accum": a.grad_accum, "variants": {}})
+                    "vocab": a.vocab, "grad_accum": a.grad_accum, "loss": a.loss, "variants": {}})
     step_tokens = a.grad_accum * a.batch * a.seq_len
 
     for v in variants:
@@ -566,15 +568,19 @@ def _one_e2e(v: Variant, a, tokens: torch.Tensor) -> dict:
         if convert_torchao(model, v.recipe, not_output) is None:
             return {"skipped": "n/a in torchao"}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    # The trainer's loss, compiled as the trainer compiles it by default (compile.components = model, loss).
+    loss_fn = (cross_entropy_loss if a.loss == "eager"
+               else torch.compile(cross_entropy_loss, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND))
 
     def step():
         if reuse:
             precompute_float8_weights(model)
         for micro in range(a.grad_accum):
             logits = model(tokens[micro])
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[micro].flatten(0, 1))
+            loss = loss_fn(logits, tokens[micro])
+            del logits  # as the trainer: from here only the loss keeps what its backward reads
             loss.backward()
-            del logits, loss
+            del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if delayed:
@@ -627,7 +633,7 @@ def print_e2e_table(results: dict, variants: list[Variant]) -> None:
     vs = results["variants"]
     base = vs.get("bf16", {})
     print(f"\nend to end: {results['n_layers']} x {results['flavor']} layers, batch {results['batch']} x "
-          f"{results['seq_len']}, grad_accum {results['grad_accum']}, vocab {results['vocab']} "
+          f"{results['seq_len']}, grad_accum {results['grad_accum']}, vocab {results['vocab']}, {results['loss']} loss "
           f"({device_name()}, torch {torch.__version__})")
     b = results.get("bound")
     if b:
@@ -667,6 +673,9 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--grad_accum", type=int, default=1, help="e2e: micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=8, help="e2e: timed steps")
+    p.add_argument("--loss", choices=("compiled", "eager"), default="compiled",
+                   help="e2e: the fp32 cross-entropy compiled (the trainer's default) or eager (fp32 logits and "
+                        "their gradient materialised; the setting of the measurements before 2026-11-28)")
     p.add_argument("--budget_s", type=float, default=None,
                    help="stop starting new measurements after this many seconds, then print and exit "
                         "(default: linear 480, e2e 360: one e2e variant takes about a minute)")

@@ -20,13 +20,13 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from titan_fp8.checkpoint import (CheckpointManager, ModelState, OptimizerState, PerRankState, RNGState,
                                   config_hash)
 from titan_fp8.config import ConfigError, JobConfig
 from titan_fp8.converters import build_converters
 from titan_fp8.data import build_dataloader, build_tokenizer
+from titan_fp8.loss import cross_entropy_loss
 from titan_fp8.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
 from titan_fp8.models import Transformer, llama3_flavors
 from titan_fp8.optim import build_lr_scheduler, build_optimizer
@@ -56,11 +56,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
-
-
-def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32 over (B, T) positions."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
 
 
 def _device_memory_bytes(device: torch.device) -> Optional[int]:
@@ -355,6 +350,9 @@ class Trainer:
             with self._autocast():
                 logits = self.model(input_ids)  # (B, T, vocab)
                 loss = self.loss_fn(logits, labels) / self.grad_accum_steps
+            # The loss's backward frees the logits after reading them, unless this frame still holds them:
+            # held, they would sit beside their gradient and the output head's weight gradient at the peak.
+            del logits
             loss.backward()
             total_loss += loss.detach()
 
