@@ -3,7 +3,8 @@ process on the same inputs (CUDA only).
 
   python scripts/bench_float8.py linear                 # per-Linear fwd+bwd at M=16384, 5 shapes
   python scripts/bench_float8.py e2e                    # 4 Llama3-8B layers, batch 2 x 8192, AdamW step,
-                                                        # the compiled loss (--loss eager: as before 2026-11-28)
+                                                        # the trainer's fused head + loss (--loss eager: as
+                                                        # before 2026-11-28)
   python scripts/bench_float8.py linear --variants bf16,tensorwise,tensorwise+triton+save8
 
 Variants (comma-separated with --variants; default: DEFAULT_VARIANTS[mode]):
@@ -568,7 +569,10 @@ def _one_e2e(v: Variant, a, tokens: torch.Tensor) -> dict:
         if convert_torchao(model, v.recipe, not_output) is None:
             return {"skipped": "n/a in torchao"}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    # The trainer's loss, compiled as the trainer compiles it by default (compile.components = model, loss).
+    # The trainer's loss: by default the output head computes it (one logits-sized buffer), its kernels
+    # compiled as the trainer compiles them (compile.components = model, loss).
+    fused = a.loss == "fused" and model.fuses_loss
+    model.output.compile_loss = COMPILE_BACKEND == "inductor"
     loss_fn = (cross_entropy_loss if a.loss == "eager"
                else torch.compile(cross_entropy_loss, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND))
 
@@ -576,9 +580,12 @@ def _one_e2e(v: Variant, a, tokens: torch.Tensor) -> dict:
         if reuse:
             precompute_float8_weights(model)
         for micro in range(a.grad_accum):
-            logits = model(tokens[micro])
-            loss = loss_fn(logits, tokens[micro])
-            del logits  # as the trainer: from here only the loss keeps what its backward reads
+            if fused:
+                loss = model(tokens[micro], labels=tokens[micro])
+            else:
+                logits = model(tokens[micro])
+                loss = loss_fn(logits, tokens[micro])
+                del logits  # as the trainer: from here only the loss keeps what its backward reads
             loss.backward()
             del loss
         optimizer.step()
@@ -673,9 +680,10 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--grad_accum", type=int, default=1, help="e2e: micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=8, help="e2e: timed steps")
-    p.add_argument("--loss", choices=("compiled", "eager"), default="compiled",
-                   help="e2e: the fp32 cross-entropy compiled (the trainer's default) or eager (fp32 logits and "
-                        "their gradient materialised; the setting of the measurements before 2026-11-28)")
+    p.add_argument("--loss", choices=("fused", "compiled", "eager"), default="fused",
+                   help="e2e: the fp32 cross-entropy fused into the output head (the trainer's default: the logits' "
+                        "gradient overwrites them), compiled after a separate head (logits and their gradient both "
+                        "live), or eager (also their fp32 copies; the setting of the measurements before 2026-11-28)")
     p.add_argument("--budget_s", type=float, default=None,
                    help="stop starting new measurements after this many seconds, then print and exit "
                         "(default: linear 480, e2e 360: one e2e variant takes about a minute)")

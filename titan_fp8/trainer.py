@@ -129,9 +129,13 @@ class Trainer:
         self.model.train()
         # Without FSDP the fp32 master weights compute under autocast; FSDP casts parameters itself.
         self.autocast_dtype = param_dtype if (self.mesh is None and param_dtype != torch.float32) else None
-        self.loss_fn = cross_entropy_loss
-        if config.compile.enable and "loss" in config.compile.components:
-            self.loss_fn = torch.compile(cross_entropy_loss, fullgraph=True)
+        compile_loss = config.compile.enable and "loss" in config.compile.components
+        # The output head computes the loss itself (one logits-sized buffer instead of two) unless a converter
+        # replaced it (QAT of the output): then logits, and the loss on them.
+        self.fused_loss = self.model.fuses_loss
+        if self.fused_loss:
+            self.model.output.compile_loss = compile_loss
+        self.loss_fn = torch.compile(cross_entropy_loss, fullgraph=True) if compile_loss else cross_entropy_loss
 
         # -- optimizer and schedule ---------------------------------------------------------------------
         o, s = config.optimizer, config.lr_scheduler
@@ -348,11 +352,15 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             self.throughput.add(labels.numel(), time.perf_counter() - data_start)
             with self._autocast():
-                logits = self.model(input_ids)  # (B, T, vocab)
-                loss = self.loss_fn(logits, labels) / self.grad_accum_steps
-            # The loss's backward frees the logits after reading them, unless this frame still holds them:
-            # held, they would sit beside their gradient and the output head's weight gradient at the peak.
-            del logits
+                if self.fused_loss:
+                    loss = self.model(input_ids, labels=labels)
+                else:
+                    logits = self.model(input_ids)  # (B, T, vocab)
+                    loss = self.loss_fn(logits, labels)
+                    # The loss's backward frees the logits after reading them, unless this frame still holds
+                    # them: held, they would sit beside their gradient at the memory peak.
+                    del logits
+                loss = loss / self.grad_accum_steps
             loss.backward()
             total_loss += loss.detach()
 

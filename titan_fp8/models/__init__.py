@@ -1,10 +1,12 @@
-"""Model definitions. Only torch is imported here: never the trainer or config modules."""
+"""Model definitions. Only torch (and titan_fp8.loss, torch only) is imported here: never the trainer or config
+modules."""
 
 from titan_fp8.models.llama3 import (
     Attention,
     FeedForward,
     KVCache,
     ModelArgs,
+    OutputHead,
     RMSNorm,
     Transformer,
     TransformerBlock,
@@ -21,6 +23,7 @@ __all__ = [
     "FeedForward",
     "KVCache",
     "ModelArgs",
+    "OutputHead",
     "RMSNorm",
     "Transformer",
     "TransformerBlock",

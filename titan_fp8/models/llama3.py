@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from titan_fp8.loss import linear_cross_entropy
+
 __all__ = [
     "ModelArgs",
     "llama3_flavors",
@@ -41,6 +43,7 @@ __all__ = [
     "Attention",
     "FeedForward",
     "TransformerBlock",
+    "OutputHead",
     "Transformer",
     "num_params",
 ]
@@ -393,6 +396,28 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(self.init_std)
 
 
+class OutputHead(nn.Linear):
+    """The vocabulary projection (an nn.Linear: same parameter, same checkpoint key).
+
+    Called with labels it returns the mean fp32 cross-entropy through `linear_cross_entropy`, which keeps
+    one logits-sized buffer instead of two (the logits and then their gradient); without labels, the logits.
+    Converters that swap Linears (QAT, float8 without the usual "output" filter) replace it by their own
+    module; the model then computes logits and the loss separately.
+    """
+
+    compile_loss: bool = False  # the trainer sets it when it compiles the loss: the loss kernels get compiled
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)  # (B, T, V)
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type):  # do here what autocast does to an nn.Linear's matmul
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return linear_cross_entropy(h.to(dtype), self.weight.to(dtype), labels, compiled=self.compile_loss)
+        return linear_cross_entropy(h, self.weight, labels, compiled=self.compile_loss)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -401,16 +426,25 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = OutputHead(args.dim, args.vocab_size, bias=False)
         # cos/sin table, recomputed by init_weights; not persistent, so not in checkpoints
         self.register_buffer("rope_cache", torch.empty(args.max_seq_len, args.head_dim // 2, 2), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """tokens: (B, T) int64 -> logits (B, T, V) in the compute dtype (cast to fp32 for the loss).
+    @property
+    def fuses_loss(self) -> bool:
+        """Whether model(tokens, labels=...) is available: the output head is still the fused-loss head."""
+        return isinstance(self.output, OutputHead)
 
-        start_pos and kv_cache are for generation only; training calls model(tokens).
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: Optional[KVCache] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens: (B, T) int64 -> logits (B, T, V) in the compute dtype (cast to fp32 for the loss); with
+        labels (B, T) (requires `fuses_loss`): the mean fp32 cross-entropy, the logits never returned.
+
+        start_pos and kv_cache are for generation only; training calls model(tokens, labels=labels).
         """
+        if labels is not None and not self.fuses_loss:
+            raise ValueError(f"Transformer: labels given but the output head is a {type(self.output).__name__}, "
+                             f"not the fused-loss OutputHead; compute logits and the loss separately")
         B, T = tokens.shape
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence end {start_pos + T} exceeds ModelArgs.max_seq_len={self.args.max_seq_len}")
@@ -419,6 +453,8 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, rope, start_pos, kv_cache)  # (B, T, D)
         h = self.norm(h)  # (B, T, D)
+        if labels is not None:
+            return self.output(h, labels=labels)  # () fp32
         return self.output(h)  # (B, T, V)
 
     @torch.no_grad()
