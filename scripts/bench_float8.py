@@ -4,7 +4,7 @@ process on the same inputs (CUDA only).
   python scripts/bench_float8.py linear                 # per-Linear fwd+bwd at M=16384, 5 shapes
   python scripts/bench_float8.py e2e                    # 4 Llama3-8B layers, batch 2 x 8192, AdamW step,
                                                         # the trainer's fused head + loss (--loss eager: as
-                                                        # before 2026-11-28)
+                                                        # in the session 4 tables of docs/performance.md)
   python scripts/bench_float8.py linear --variants bf16,tensorwise,tensorwise+triton+save8
 
 Variants (comma-separated with --variants; default: DEFAULT_VARIANTS[mode]):
@@ -683,7 +683,7 @@ def main() -> int:
     p.add_argument("--loss", choices=("fused", "compiled", "eager"), default="fused",
                    help="e2e: the fp32 cross-entropy fused into the output head (the trainer's default: the logits' "
                         "gradient overwrites them), compiled after a separate head (logits and their gradient both "
-                        "live), or eager (also their fp32 copies; the setting of the measurements before 2026-11-28)")
+                        "live), or eager (also their fp32 copies; the setting of the session 4 tables in docs/performance.md)")
     p.add_argument("--budget_s", type=float, default=None,
                    help="stop starting new measurements after this many seconds, then print and exit "
                         "(default: linear 480, e2e 360: one e2e variant takes about a minute)")
