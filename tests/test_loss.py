@@ -102,8 +102,8 @@ def test_bad_inputs_are_named():
         linear_cross_entropy(h, w, labels[:, :-1])
 
 
-def tiny_model(seed=0):
-    args = dataclasses.replace(llama3_flavors["debugmodel"], n_layers=2, vocab_size=300, max_seq_len=64)
+def tiny_model(seed=0, vocab_size=300):
+    args = dataclasses.replace(llama3_flavors["debugmodel"], n_layers=2, vocab_size=vocab_size, max_seq_len=64)
     torch.manual_seed(seed)
     model = Transformer(args)
     model.init_weights()
@@ -173,3 +173,17 @@ def test_fused_head_saves_one_logits_buffer_of_peak_memory_cuda():
         h.grad = w.grad = None
     logits_bytes = n * vocab * 2
     assert peaks["unfused"] - peaks["fused"] >= 0.9 * logits_bytes, peaks
+
+
+def test_float8_may_convert_the_head_and_the_model_falls_back():
+    """OutputHead declares itself float8-convertible (as a plain nn.Linear head was): with a filter that
+    takes every Linear the head becomes a Float8Linear, and training computes logits + loss instead."""
+    from titan_fp8.float8 import Float8Linear, convert_to_float8_training
+
+    model = tiny_model(vocab_size=320)  # _scaled_mm needs multiples of 16
+    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: True)
+    assert isinstance(model.output, Float8Linear) and not model.fuses_loss
+    tokens = torch.randint(0, 320, (2, 32))
+    loss = cross_entropy_loss(model(tokens), tokens)
+    loss.backward()
+    assert torch.isfinite(loss) and model.output.weight.grad is not None

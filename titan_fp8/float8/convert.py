@@ -58,14 +58,17 @@ def convert_to_float8_training(
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             fqn = f"{prefix}{name}"
-            if type(child) is nn.Linear:
+            plain = type(child) is nn.Linear or (isinstance(child, nn.Linear)
+                                                 and getattr(child, "float8_convertible", False))
+            if plain:
                 new = swap(child, fqn)
                 if new is not child:
                     setattr(parent, name, new)
             elif isinstance(child, Float8Linear):
                 continue
             elif isinstance(child, nn.Linear):
-                # Subclasses (e.g. MultiheadAttention's out_proj) may use .weight outside forward.
+                # Subclasses (e.g. MultiheadAttention's out_proj) may use .weight outside forward; one that sets
+                # `float8_convertible = True` declares that it may be replaced by a plain Linear's equivalent.
                 skipped.append((fqn, f"{type(child).__name__} is a subclass of nn.Linear; only nn.Linear is converted"))
             else:
                 visit(child, f"{fqn}.")

@@ -406,6 +406,7 @@ class OutputHead(nn.Linear):
     """
 
     compile_loss: bool = False  # the trainer sets it when it compiles the loss: the loss kernels get compiled
+    float8_convertible = True  # float8 may swap it for a Float8Linear (the model then falls back to logits + loss)
 
     def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if labels is None:
