@@ -293,6 +293,8 @@ class Trainer:
                     self.dims.dp_replicate, self.grad_accum_steps, self.autocast_dtype)
         logger.info("batch: %d x %d tokens per rank per micro-batch; converters: %s; MFU peak: %s",
                     t.local_batch_size, t.seq_len, [c.name for c in self.converters] or "none", self.peak_name)
+        logger.info("loss: %s", "fused into the output head (one logits-sized buffer)" if self.fused_loss else
+                    f"on the logits of the converted output head ({type(self.model.output).__name__})")
 
     # -- the loop ----------------------------------------------------------------------------------------
 
