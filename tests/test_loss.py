@@ -141,9 +141,9 @@ def test_model_under_autocast_matches_unfused():
 
 def test_model_with_a_converted_head_refuses_labels():
     model = tiny_model()
-    model.output = torch.nn.Linear(model.args.dim, model.args.vocab_size, bias=False)  # what a converter does
+    model.output = torch.nn.Linear(model.args.dim, model.args.vocab_size, bias=False)  # as float8's swap
     assert not model.fuses_loss
-    with pytest.raises(ValueError, match="not the fused-loss OutputHead"):
+    with pytest.raises(ValueError, match="does not compute the loss"):
         model(torch.randint(0, 300, (1, 8)), labels=torch.randint(0, 300, (1, 8)))
 
 
@@ -187,3 +187,26 @@ def test_float8_may_convert_the_head_and_the_model_falls_back():
     loss = cross_entropy_loss(model(tokens), tokens)
     loss.backward()
     assert torch.isfinite(loss) and model.output.weight.grad is not None
+
+
+@pytest.mark.parametrize("fake_quant_on", [True, False], ids=["fake_quant_on", "before_start_step"])
+def test_qat_head_computes_the_loss_of_its_fake_quantised_logits(fake_quant_on):
+    """QAT's FakeQuantLinear head takes labels like OutputHead: the same loss and gradients as its logits + loss,
+    with the fake-quantised input and weight (8da4w: int8 per-token activations, int4 group weights)."""
+    from titan_fp8.quant import QuantScheme, prepare_qat_
+    from titan_fp8.quant.qat import FakeQuantLinear
+
+    model = tiny_model(vocab_size=320)
+    prepare_qat_(model, QuantScheme.from_name("int8_dynamic_activation_int4_weight", group_size=32))
+    assert isinstance(model.output, FakeQuantLinear) and model.fuses_loss
+    for m in model.modules():
+        if hasattr(m, "fake_quant_enabled"):
+            m.fake_quant_enabled = fake_quant_on
+    tokens = torch.randint(0, 320, (2, 32))
+    labels = torch.randint(0, 320, (2, 32))
+    ref = cross_entropy_loss(model(tokens), labels)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    loss = model(tokens, labels=labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert max(rel_err(r, g) for r, g in zip(ref_grads, grads)) < 1e-5

@@ -419,10 +419,10 @@ def test_nonfinite_grad_error_names_step_and_first_parameter(tmp_path, repo_root
 
 
 def test_nonfinite_loss_error_names_the_loss(tmp_path, repo_root, monkeypatch):
-    import titan_fp8.models.llama3 as llama3_mod
+    import titan_fp8.loss as loss_mod
 
-    real_loss = llama3_mod.linear_cross_entropy  # the output head computes the training loss
-    monkeypatch.setattr(llama3_mod, "linear_cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("inf"))
+    real_loss = loss_mod.linear_cross_entropy  # the output head computes the training loss with it
+    monkeypatch.setattr(loss_mod, "linear_cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("inf"))
     with pytest.raises(NonFiniteError, match=r"^step 1: non-finite loss (inf|nan), first non-finite gradient in tok_embeddings"):
         run_inproc(repo_root, tmp_path, "--training.steps", "2")
 

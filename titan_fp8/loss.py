@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["cross_entropy_loss", "linear_cross_entropy", "IGNORE_INDEX"]
+__all__ = ["cross_entropy_loss", "linear_cross_entropy", "head_loss", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # as F.cross_entropy: such labels count neither in the sum nor in the mean
 _EAGER_CHUNK_BYTES = 256 * 2**20  # eager kernels work on row blocks of at most this many fp32 bytes
@@ -130,3 +130,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if h.shape[:-1] != labels.shape:
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} do not match h {tuple(h.shape)}")
     return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), compiled)
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, compiled: bool = False) -> torch.Tensor:
+    """What an output head called with labels returns: linear_cross_entropy with autocast applied by hand.
+
+    Under autocast an nn.Linear's matmul runs in the autocast dtype; the fused loss is one autograd node,
+    so h and the weight are cast here (the cast's backward returns the weight's gradient in its own dtype)
+    and the node runs with autocast off.
+    """
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, compiled=compiled)
+    return linear_cross_entropy(h, weight, labels, compiled=compiled)

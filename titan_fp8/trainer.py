@@ -130,8 +130,8 @@ class Trainer:
         # Without FSDP the fp32 master weights compute under autocast; FSDP casts parameters itself.
         self.autocast_dtype = param_dtype if (self.mesh is None and param_dtype != torch.float32) else None
         compile_loss = config.compile.enable and "loss" in config.compile.components
-        # The output head computes the loss itself (one logits-sized buffer instead of two) unless a converter
-        # replaced it (QAT of the output): then logits, and the loss on them.
+        # The output head computes the loss itself (one logits-sized buffer instead of two), QAT's fake-quantised
+        # head too; a float8 head (the "output" filter removed) cannot: then logits, and the loss on them.
         self.fused_loss = self.model.fuses_loss
         if self.fused_loss:
             self.model.output.compile_loss = compile_loss
@@ -293,8 +293,9 @@ class Trainer:
                     self.dims.dp_replicate, self.grad_accum_steps, self.autocast_dtype)
         logger.info("batch: %d x %d tokens per rank per micro-batch; converters: %s; MFU peak: %s",
                     t.local_batch_size, t.seq_len, [c.name for c in self.converters] or "none", self.peak_name)
-        logger.info("loss: %s", "fused into the output head (one logits-sized buffer)" if self.fused_loss else
-                    f"on the logits of the converted output head ({type(self.model.output).__name__})")
+        logger.info("loss: %s", f"fused into the output head ({type(self.model.output).__name__}, one "
+                    f"logits-sized buffer)" if self.fused_loss else
+                    f"on the logits of the output head ({type(self.model.output).__name__})")
 
     # -- the loop ----------------------------------------------------------------------------------------
 

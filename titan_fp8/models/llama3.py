@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from titan_fp8.loss import linear_cross_entropy
+from titan_fp8.loss import head_loss
 
 __all__ = [
     "ModelArgs",
@@ -401,22 +401,19 @@ class OutputHead(nn.Linear):
 
     Called with labels it returns the mean fp32 cross-entropy through `linear_cross_entropy`, which keeps
     one logits-sized buffer instead of two (the logits and then their gradient); without labels, the logits.
-    Converters that swap Linears (QAT, float8 without the usual "output" filter) replace it by their own
-    module; the model then computes logits and the loss separately.
+    A converter may replace it: QAT's FakeQuantLinear accepts labels the same way (on its fake-quantised
+    operands); a Float8Linear (float8 without the usual "output" filter) does not, and the model then
+    computes logits and the loss separately.
     """
 
+    accepts_labels = True  # forward(h, labels=...) returns the loss (QAT's FakeQuantLinear has the same)
     compile_loss: bool = False  # the trainer sets it when it compiles the loss: the loss kernels get compiled
     float8_convertible = True  # float8 may swap it for a Float8Linear (the model then falls back to logits + loss)
 
     def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if labels is None:
             return super().forward(h)  # (B, T, V)
-        device_type = h.device.type
-        if torch.is_autocast_enabled(device_type):  # do here what autocast does to an nn.Linear's matmul
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return linear_cross_entropy(h.to(dtype), self.weight.to(dtype), labels, compiled=self.compile_loss)
-        return linear_cross_entropy(h, self.weight, labels, compiled=self.compile_loss)
+        return head_loss(h, self.weight, labels, compiled=self.compile_loss)  # () fp32
 
 
 class Transformer(nn.Module):
@@ -433,8 +430,8 @@ class Transformer(nn.Module):
 
     @property
     def fuses_loss(self) -> bool:
-        """Whether model(tokens, labels=...) is available: the output head is still the fused-loss head."""
-        return isinstance(self.output, OutputHead)
+        """Whether model(tokens, labels=...) is available: the output head computes the loss itself."""
+        return getattr(self.output, "accepts_labels", False)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: Optional[KVCache] = None,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -444,8 +441,8 @@ class Transformer(nn.Module):
         start_pos and kv_cache are for generation only; training calls model(tokens, labels=labels).
         """
         if labels is not None and not self.fuses_loss:
-            raise ValueError(f"Transformer: labels given but the output head is a {type(self.output).__name__}, "
-                             f"not the fused-loss OutputHead; compute logits and the loss separately")
+            raise ValueError(f"Transformer: labels given but the output head ({type(self.output).__name__}) does "
+                             f"not compute the loss; compute logits and the loss separately")
         B, T = tokens.shape
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence end {start_pos + T} exceeds ModelArgs.max_seq_len={self.args.max_seq_len}")

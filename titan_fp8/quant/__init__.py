@@ -1,7 +1,8 @@
 """Quantisation for serving and QAT: one quantised-weight format, fake quantisation built on the same
 functions, model passes (prepare / convert / kernels) and the safetensors artifact. See docs/qat.md.
 
-Imports only torch (and safetensors, lazily, for the artifact).
+Imports only torch, titan_fp8.loss (torch only: a QAT output head computes the loss like the model's own)
+and, lazily for the artifact, safetensors.
 """
 
 from .artifact import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, ArtifactError,

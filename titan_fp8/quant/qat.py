@@ -12,6 +12,8 @@ replaces (`weight`, `bias`), so state_dict keys and checkpoints are unchanged; i
     forward(x) = F.linear(fake_quantize(x, scheme.activation), fake_quantize(weight, scheme.weight), bias)
 
 with `fake_quantize` = the serving format's dequantize(quantize(.)) and a straight-through gradient.
+Called with labels (the model's output head, in training), it returns the mean cross-entropy of that
+output through titan_fp8.loss's fused head + loss instead of the logits.
 
 Range learning (`range_learning=True`, symmetric integer weights: 8da4w, int8_weight_only) adds one
 trainable parameter per module, `weight_scale` (rows x groups, fp32): the weight's quantisation scales,
@@ -30,6 +32,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from titan_fp8.loss import head_loss
 
 from .primitives import fake_quantize, fake_quantize_learned_scale
 from .schemes import QuantScheme
@@ -122,13 +126,23 @@ class FakeQuantLinear(nn.Linear):
         # The same Parameter objects: no copy, meta stays meta.
         return cls(linear.weight, linear.bias, scheme, range_learning=range_learning)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fake_quant_enabled:
-            return F.linear(x, self.weight, self.bias)
-        act = self.scheme.activation
-        if act is not None:
-            x = fake_quantize(x, act)
-        return F.linear(x, _fake_quantize_weight(self, self.weight, self.weight_scale), self.bias)
+    # As the model's OutputHead: called with labels, the layer returns the mean cross-entropy of its output
+    # without a second logits-sized buffer (titan_fp8.loss). Only an output head is ever called so.
+    accepts_labels = True
+    compile_loss: bool = False
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight
+        if self.fake_quant_enabled:
+            act = self.scheme.activation
+            if act is not None:
+                x = fake_quantize(x, act)
+            weight = _fake_quantize_weight(self, weight, self.weight_scale)
+        if labels is None:
+            return F.linear(x, weight, self.bias)
+        if self.bias is not None:
+            raise NotImplementedError("FakeQuantLinear(labels=...): the fused loss has no bias term")
+        return head_loss(x, weight, labels, compiled=self.compile_loss)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scheme={self.scheme.name}, group_size={self.scheme.group_size}, " \
