@@ -573,7 +573,7 @@ def _one_e2e(v: Variant, a, tokens: torch.Tensor) -> dict:
     # compiled as the trainer compiles them (compile.components = model, loss).
     fused = a.loss == "fused" and model.fuses_loss
     model.output.compile_loss = COMPILE_BACKEND == "inductor"
-    loss_fn = (cross_entropy_loss if a.loss == "eager"
+    loss_fn = (None if fused else cross_entropy_loss if a.loss == "eager"
                else torch.compile(cross_entropy_loss, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND))
 
     def step():

@@ -110,17 +110,25 @@ def tiny_model(seed=0, vocab_size=300):
     return model
 
 
-def test_model_with_labels_returns_the_loss_of_its_logits():
-    model = tiny_model()
-    tokens = torch.randint(0, 300, (2, 32))
-    labels = torch.randint(0, 300, (2, 32))
+def fused_vs_unfused(model) -> tuple[float, float]:
+    """(|loss difference|, max relative gradient difference over the parameters) between model(tokens,
+    labels=...) and cross_entropy_loss(model(tokens), labels) on one random batch."""
+    vocab = model.args.vocab_size
+    tokens = torch.randint(0, vocab, (2, 32))
+    labels = torch.randint(0, vocab, (2, 32))
     ref = cross_entropy_loss(model(tokens), labels)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     loss = model(tokens, labels=labels)
     grads = torch.autograd.grad(loss, list(model.parameters()))
+    return abs(loss.item() - ref.item()), max(rel_err(r, g) for r, g in zip(ref_grads, grads))
+
+
+def test_model_with_labels_returns_the_loss_of_its_logits():
+    model = tiny_model()
     assert isinstance(model.output, OutputHead) and model.fuses_loss
-    assert abs(loss.item() - ref.item()) < 1e-5
-    assert max(rel_err(r, g) for r, g in zip(ref_grads, grads)) < 1e-5
+    loss_diff, grad_diff = fused_vs_unfused(model)
+    assert loss_diff < 1e-5
+    assert grad_diff < 1e-5
 
 
 def test_model_under_autocast_matches_unfused():
@@ -193,20 +201,12 @@ def test_float8_may_convert_the_head_and_the_model_falls_back():
 def test_qat_head_computes_the_loss_of_its_fake_quantised_logits(fake_quant_on):
     """QAT's FakeQuantLinear head takes labels like OutputHead: the same loss and gradients as its logits + loss,
     with the fake-quantised input and weight (8da4w: int8 per-token activations, int4 group weights)."""
-    from titan_fp8.quant import QuantScheme, prepare_qat_
-    from titan_fp8.quant.qat import FakeQuantLinear
+    from titan_fp8.quant import FakeQuantLinear, QuantScheme, prepare_qat_, set_fake_quant_
 
     model = tiny_model(vocab_size=320)
     prepare_qat_(model, QuantScheme.from_name("int8_dynamic_activation_int4_weight", group_size=32))
     assert isinstance(model.output, FakeQuantLinear) and model.fuses_loss
-    for m in model.modules():
-        if hasattr(m, "fake_quant_enabled"):
-            m.fake_quant_enabled = fake_quant_on
-    tokens = torch.randint(0, 320, (2, 32))
-    labels = torch.randint(0, 320, (2, 32))
-    ref = cross_entropy_loss(model(tokens), labels)
-    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    loss = model(tokens, labels=labels)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    assert abs(loss.item() - ref.item()) < 1e-5
-    assert max(rel_err(r, g) for r, g in zip(ref_grads, grads)) < 1e-5
+    set_fake_quant_(model, fake_quant_on)
+    loss_diff, grad_diff = fused_vs_unfused(model)
+    assert loss_diff < 1e-5
+    assert grad_diff < 1e-5
