@@ -170,6 +170,25 @@ def test_kernel_choice_names_its_reason():
     assert kernel == "reference" and "multiple of 16" in why
 
 
+def test_float8_cpu_kernel_only_where_this_torch_has_rowwise_scaled_mm(monkeypatch):
+    import titan_fp8.quant.tensor as qtensor
+
+    w = QuantizedTensor.from_float(torch.randn(32, 64), QuantScheme.from_name("float8_dynamic"))
+    # the probe agrees with a real rowwise call at a model-like shape
+    x = torch.randn(5, 64)
+    try:
+        F.linear(x, w.with_kernel("scaled_mm_rowwise"))
+        works = True
+    except RuntimeError:
+        works = False
+    assert qtensor.cpu_rowwise_scaled_mm_works() == works
+    # a torch without it (2.11 on CPU) gets the dequantising path, with the reason, and still runs
+    monkeypatch.setattr(qtensor, "cpu_rowwise_scaled_mm_works", lambda: False)
+    kernel, why = choose_kernel(w)
+    assert kernel == "reference" and "rowwise" in why
+    assert torch.equal(F.linear(x, w), F.linear(w.scheme.activation.quantize_dequantize(x), w.dequantize()))
+
+
 def test_embedding_lookup_dequantises_rows():
     emb = nn.Embedding(100, 64)
     scheme = QuantScheme.from_name("int4_weight_only", 32)

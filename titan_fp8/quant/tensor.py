@@ -38,6 +38,7 @@ Imports only torch.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -294,6 +295,21 @@ def _to_copy(t, *, dtype=None, device=None, layout=None, pin_memory=None, non_bl
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_rowwise_scaled_mm_works() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes rowwise (per-row / per-column) scales.
+
+    torch 2.13's does; torch 2.11's CPU path asserts per-tensor scales. Probed once with a 16 x 16 call
+    rather than read off the version, so a build that has it is used and one that lacks it is not."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    ones = torch.ones(16, 1)
+    try:
+        y = torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.all(y == 16.0))
+
+
 def choose_kernel(t: QuantizedTensor) -> tuple[str, str]:
     """(kernel, why) for a Linear weight on its current device and dtype."""
     n, k = t.shape
@@ -319,6 +335,8 @@ def choose_kernel(t: QuantizedTensor) -> tuple[str, str]:
         if k % 16 != 0 or n % 16 != 0:
             return "reference", f"_scaled_mm needs K and N multiples of 16 (K={k}, N={n})"
         if dev == "cpu":
+            if not cpu_rowwise_scaled_mm_works():
+                return "reference", f"this torch's ({torch.__version__}) CPU _scaled_mm has no rowwise scales"
             return "scaled_mm_rowwise", "float8 _scaled_mm (CPU)"
         if dev == "cuda":
             if t.dtype != torch.bfloat16 or cap < (8, 9):
