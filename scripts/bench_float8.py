@@ -38,6 +38,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -499,33 +500,51 @@ def bench_e2e(a, variants: list[Variant], with_ao: bool, budget: Budget, partial
                     "vocab": a.vocab, "grad_accum": a.grad_accum, "loss": a.loss, "variants": {}})
     step_tokens = a.grad_accum * a.batch * a.seq_len
 
-    for v in variants:
-        if budget.left() < 0:
-            results["variants"][v.name] = {"skipped": "time budget"}
-            print(f"[{budget.elapsed():5.0f}s] e2e {v.name}: skipped (time budget)", flush=True)
-            continue
-        if v.kind == "torchao" and not with_ao:
-            results["variants"][v.name] = {"skipped": "torchao not importable"}
-            continue
-        t0 = time.time()
-        try:
-            r = _one_e2e(v, a, tokens)
-        except Exception as e:
-            r = {"error": f"{type(e).__name__}: {e}"[:400]}
-            traceback.print_exc()
-        finally:
-            torch._dynamo.reset()
-            reset_memory()
-        r["wall_s"] = time.time() - t0
-        results["variants"][v.name] = r
-        if "ms" in r:
+    # Rounds: every variant once per round, the order reversed on odd rounds, so that a drift of the card
+    # (clocks, temperature) over the run does not favour whichever variant runs first. Each variant's
+    # ms/step is its median over the rounds; the first round also profiles.
+    for rnd in range(a.rounds):
+        for v in (variants if rnd % 2 == 0 else variants[::-1]):
+            prev = results["variants"].get(v.name)
+            if prev is not None and "ms" not in prev:
+                continue  # skipped or failed in an earlier round
+            if budget.left() < 0:
+                if prev is None:
+                    results["variants"][v.name] = {"skipped": "time budget"}
+                print(f"[{budget.elapsed():5.0f}s] e2e {v.name} round {rnd + 1}: skipped (time budget)", flush=True)
+                continue
+            if v.kind == "torchao" and not with_ao:
+                results["variants"][v.name] = {"skipped": "torchao not importable"}
+                continue
+            t0 = time.time()
+            try:
+                r = _one_e2e(v, a, tokens, profile=a.profile and rnd == 0)
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {e}"[:400]}
+                traceback.print_exc()
+            finally:
+                torch._dynamo.reset()
+                reset_memory()
+            r["wall_s"] = time.time() - t0
+            if "ms" not in r:
+                results["variants"][v.name] = r
+                print(f"[{budget.elapsed():5.0f}s] e2e {v.name}: {r}", flush=True)
+                continue
+            if prev is None:
+                r["ms_rounds"] = [r["ms"]]
+                results["variants"][v.name] = r
+            else:  # a later round: its time joins the list, the peak is the largest seen
+                prev["ms_rounds"].append(r["ms"])
+                prev["ms"] = statistics.median(prev["ms_rounds"])
+                prev["gib"] = max(prev["gib"], r["gib"])
+                r = prev
             r["tok_s"] = step_tokens / r["ms"] * 1e3
-            print(f"[{budget.elapsed():5.0f}s] e2e {v.name}: {r['ms']:.1f} ms/step, {r['tok_s']:,.0f} tok/s, "
-                  f"{r['gib']:.1f} GiB, compile {r['compile_s']:.0f}s; {fmt_breakdown(r.get('profile'))}", flush=True)
-            print_top_kernels(r.get("profile"))
-        else:
-            print(f"[{budget.elapsed():5.0f}s] e2e {v.name}: {r}", flush=True)
-        dump_partial()
+            print(f"[{budget.elapsed():5.0f}s] e2e {v.name} round {rnd + 1}: {r['ms_rounds'][-1]:.1f} ms/step, "
+                  f"{r['gib']:.1f} GiB, compile {r['compile_s']:.0f}s"
+                  + (f"; {fmt_breakdown(r.get('profile'))}" if rnd == 0 else ""), flush=True)
+            if rnd == 0:
+                print_top_kernels(r.get("profile"))
+            dump_partial()
 
     # The bound: replace every eligible Linear's three bf16 GEMMs by fp8 ones at the measured rate.
     args = llama3_flavors[a.flavor]
@@ -548,6 +567,8 @@ def bench_e2e(a, variants: list[Variant], with_ao: bool, budget: Budget, partial
         if "ms" not in r or name == "bf16":
             continue
         r["speedup"] = base["ms"] / r["ms"]
+        # per-round ratios (against the same round's bf16): their spread is the run's own noise
+        r["speedup_rounds"] = [b / x for b, x in zip(base["ms_rounds"], r["ms_rounds"])]
         r["share_of_possible_gain"] = (base["ms"] - r["ms"]) / (base["ms"] - bound) if base["ms"] > bound else float("nan")
         r["memory_vs_bf16"] = r["gib"] / base["gib"] if base["gib"] else float("nan")
         ao = results["variants"].get(f"torchao_{parse_variant(name).recipe}", {})
@@ -556,7 +577,7 @@ def bench_e2e(a, variants: list[Variant], with_ao: bool, budget: Budget, partial
     return results
 
 
-def _one_e2e(v: Variant, a, tokens: torch.Tensor) -> dict:
+def _one_e2e(v: Variant, a, tokens: torch.Tensor, profile: bool) -> dict:
     model = build_model(a.flavor, a.n_layers, a.vocab)
     reuse = "reuse" in v.switches
     delayed = v.kind == "ours" and v.recipe == "delayed"
@@ -606,7 +627,7 @@ def _one_e2e(v: Variant, a, tokens: torch.Tensor) -> dict:
     reset_memory()
     ms = bench_ms(step, warmup=2, iters=a.steps)
     res = {"ms": ms, "gib": peak_gib(), "compile_s": compile_s}
-    if a.profile:
+    if profile:
         res["profile"] = profile_breakdown(step)
     return res
 
@@ -647,7 +668,11 @@ def print_e2e_table(results: dict, variants: list[Variant]) -> None:
         print(f"eligible GEMMs: {b['eligible_bf16_ms']:.1f} ms of {base['ms']:.1f} ms bf16 "
               f"({100 * b['eligible_share']:.0f}%); at fp8 rate {b['eligible_fp8_ms']:.1f} ms -> bound "
               f"{b['ms']:.1f} ms = {b['speedup']:.3f}x")
-    print(f"{'variant':<40}{'ms/step':>9}{'tok/s':>10}{'speedup':>9}{'of gain':>9}{'GiB':>7}{'mem':>6}{'/torchao':>9}")
+    rounds = max((len(x.get("ms_rounds", [])) for x in vs.values()), default=1)
+    if rounds > 1:
+        print(f"median of {rounds} rounds (order alternating); 'rounds': the per-round speedups' range")
+    print(f"{'variant':<40}{'ms/step':>9}{'tok/s':>10}{'speedup':>9}{'of gain':>9}{'GiB':>7}{'mem':>6}{'/torchao':>9}"
+          + (f"{'rounds':>15}" if rounds > 1 else ""))
     for v in variants:
         x = vs.get(v.name, {})
         if "ms" not in x:
@@ -658,8 +683,10 @@ def print_e2e_table(results: dict, variants: list[Variant]) -> None:
         gain = x.get("share_of_possible_gain")
         gain_s = f"{100 * gain:>8.0f}%" if gain is not None and not math.isnan(gain) else f"{'':>9}"
         vs_ao = f"{x['vs_torchao']:.3f}" if "vs_torchao" in x else ""
+        per_round = x.get("speedup_rounds", [])
+        spread = f"{min(per_round):.3f}-{max(per_round):.3f}" if rounds > 1 and per_round else ""
         print(f"{v.name:<40}{x['ms']:>9.1f}{x['tok_s']:>10,.0f}{sp:>9.3f}{gain_s}{x['gib']:>7.1f}"
-              f"{x.get('memory_vs_bf16', 1.0):>6.2f}{vs_ao:>9}")
+              f"{x.get('memory_vs_bf16', 1.0):>6.2f}{vs_ao:>9}" + (f"{spread:>15}" if rounds > 1 else ""))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -680,6 +707,8 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--grad_accum", type=int, default=1, help="e2e: micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=8, help="e2e: timed steps")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="e2e: measure every variant this many times, alternating the order (ms/step = the median)")
     p.add_argument("--loss", choices=("fused", "compiled", "eager"), default="fused",
                    help="e2e: the fp32 cross-entropy fused into the output head (the trainer's default: the logits' "
                         "gradient overwrites them), compiled after a separate head (logits and their gradient both "
@@ -712,6 +741,9 @@ def main() -> int:
             print(f"error: --shapes {a.shapes!r}: expected comma-separated KxN, e.g. 4096x4096,8192x8192",
                   file=sys.stderr)
             return 2
+    if a.rounds < 1 or a.steps < 1:
+        print(f"error: --rounds and --steps must be >= 1, got {a.rounds} and {a.steps}", file=sys.stderr)
+        return 2
     if not a.smoke and not torch.cuda.is_available():
         print("error: bench_float8.py needs a CUDA GPU (or --smoke for a CPU dry run)", file=sys.stderr)
         return 2

@@ -27,6 +27,15 @@ def test_e2e_smoke_runs_every_variant_with_the_chosen_loss(repo_root, tmp_path, 
     assert "speedup" in e2e["variants"]["tensorwise"] and "memory_vs_bf16" in e2e["variants"]["delayed"]
 
 
+def test_e2e_rounds_keep_every_measurement_and_report_the_median(repo_root, tmp_path):
+    result = run_bench(repo_root, tmp_path, "e2e", "--variants", "bf16,tensorwise", "--rounds", "3")
+    for name in ("bf16", "tensorwise"):
+        v = result["e2e"]["variants"][name]
+        assert len(v["ms_rounds"]) == 3 and v["ms"] == sorted(v["ms_rounds"])[1]
+    tw = result["e2e"]["variants"]["tensorwise"]
+    assert len(tw["speedup_rounds"]) == 3
+
+
 def test_linear_smoke_runs(repo_root, tmp_path):
     result = run_bench(repo_root, tmp_path, "linear", "--variants", "bf16,tensorwise")
     assert result["mode"] == "linear" and len(result["linear"]) == 5  # the five shapes, scaled down
