@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from titan_fp8.models import Transformer
 from titan_fp8.models.llama3 import ModelArgs
+from titan_fp8.quant.tensor import cpu_rowwise_scaled_mm_works
 from titan_fp8.quant import (LEARNED_SCALE_NAME, SCHEMES, FakeQuantEmbedding, FakeQuantLinear, QuantFormat,
                              QuantizedTensor, QuantScheme, build_qat_converter, choose_kernel, fake_quantize,
                              fake_quantize_learned_scale, initialize_learned_scales_, pack_int4,
@@ -154,6 +155,8 @@ def test_cpu_kernels_match_reference(name):
     torch.manual_seed(0)
     ref = QuantizedTensor.from_float(torch.randn(96, 256) * 0.05, scheme)
     kernel, why = choose_kernel(ref)
+    if name == "float8_dynamic" and not cpu_rowwise_scaled_mm_works():
+        pytest.skip(f"no CPU float8 kernel in this torch: {why}")  # torch 2.11 (the GPU image) on CPU
     assert kernel != "reference", why
     fast = ref.with_kernel(kernel)
     x = torch.randn(2, 5, 256)
