@@ -74,10 +74,10 @@ for recipe in $RECIPES; do
     grep -E "step +($STEPS|1) |Error|error:" "$OUT/$recipe.log" | tail -n 4
 done
 
-python - "$OUT" "$STEPS" "$RECIPES" <<'PY'
+python - "$OUT" "$STEPS" "$RECIPES" "$NGPU" "${EXTRA_ARGS:-}" <<'PY'
 import json, os, platform, subprocess, sys
 
-out, steps, recipes = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+out, steps, recipes, ngpu, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4], sys.argv[5]
 first_measured = 11 if steps >= 20 else max(2, steps // 2)
 # torchao under FSDP2 on 2x H100, same shapes and settings (ARCHITECTURE.md "Measured anchors").
 torchao = {"bf16": {"tps": 51782, "memory_gib": 48.4}, "tensorwise": {"speedup": 1.17, "memory_gib": 49.7},
@@ -109,8 +109,9 @@ try:
 except OSError:
     gpu = []
 import torch
-result = {"what": "FSDP2 2-GPU e2e: Llama3-8B shapes, 4 layers, batch 2 x 8192 per GPU, vocab 128256, bf16 params, "
-                  "fp32 reduce, per-block compile, selective op AC, fused AdamW",
+result = {"what": f"FSDP2 {ngpu}-GPU e2e: Llama3-8B shapes, 4 layers, batch 2 x 8192 per GPU, vocab 128256, bf16 params, "
+                  "fp32 reduce, per-block compile, selective op AC, fused AdamW"
+                  + (f"; overridden by EXTRA_ARGS: {extra}" if extra else ""),
           "gpus": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
           "steps": steps, "measured_from_step": first_measured, "recipes": rows, "torchao_reference": torchao}
 with open(os.path.join(out, "fsdp_bench.json"), "w") as f:
