@@ -13,8 +13,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from titan_fp8.data import (DATASETS, PackedTokenDataset, Tokenizer, build_dataloader, build_tokenizer,
-                            iter_documents)
+from titan_fp8.data import (DATASETS, PackedTokenDataset, PrefetchingLoader, Tokenizer, build_dataloader,
+                            build_tokenizer, iter_documents)
 from titan_fp8.data import tokenizer as tokenizer_module
 from titan_fp8.data.corpus import stdlib_files
 
@@ -441,6 +441,35 @@ def test_loader_state_before_iteration(tok):
     resumed = build_dataloader(**kwargs)
     resumed.load_state_dict(state)
     assert_same_batches(take(iter(resumed), 2), reference)
+
+
+def test_prefetching_loader_changes_no_batch_and_resumes_at_the_batch_held_ahead(tok):
+    from titan_fp8.parallel import RowStreamLoader
+
+    def rows():  # the trainer's loader: one stream per global-batch row
+        return RowStreamLoader(lambda row, n: build_dataloader(dataset="stdlib", dataset_path=None, tokenizer=tok,
+                                                               seq_len=64, local_batch_size=1, dp_rank=row,
+                                                               dp_world_size=n),
+                               global_batch=2, local_batch=2, dp_rank=0, dp_degree=1)
+
+    plain = take(iter(rows()), 8)
+    loader = PrefetchingLoader(rows())
+    it = iter(loader)
+    got = take(it, 3)
+    it.fetch_ahead()
+    it.fetch_ahead()  # already holding one: no-op
+    # a checkpoint written now (after "step 3", batch 4 already read) must resume at batch 4
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    got += take(it, 3)
+    assert_same_batches(got, plain[:6])
+    resumed = PrefetchingLoader(rows())
+    resumed.load_state_dict(state)
+    resumed_it = iter(resumed)
+    assert_same_batches(take(resumed_it, 3), plain[3:6])
+    # holding nothing ahead, the state is the wrapped loader's own
+    again = PrefetchingLoader(rows())
+    again.load_state_dict(pickle.loads(pickle.dumps(resumed.state_dict())))
+    assert_same_batches(take(iter(again), 2), plain[6:8])
 
 
 def test_loader_resumes_across_epochs_and_ranks(tmp_path, tok):

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from titan_fp8.checkpoint import (CheckpointManager, ModelState, OptimizerState,
                                   config_hash)
 from titan_fp8.config import ConfigError, JobConfig
 from titan_fp8.converters import build_converters
-from titan_fp8.data import build_dataloader, build_tokenizer
+from titan_fp8.data import PrefetchingLoader, build_dataloader, build_tokenizer
 from titan_fp8.loss import cross_entropy_loss
 from titan_fp8.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
 from titan_fp8.models import Transformer, llama3_flavors
@@ -150,7 +150,9 @@ class Trainer:
                                                min_lr_factor=s.min_lr_factor)
 
         # -- data ---------------------------------------------------------------------------------------
-        self.dataloader = self._dataloader("train")
+        # Held one batch ahead (train_step reads the next step's batch while the GPU finishes this one);
+        # its state_dict is the state before that batch, so checkpoints resume exactly.
+        self.dataloader = PrefetchingLoader(self._dataloader("train"))
         self.train_state = TrainState()
 
         # -- checkpoints and metrics -------------------------------------------------------------------
@@ -344,7 +346,7 @@ class Trainer:
             for sig, handler in previous_handlers.items():  # the process may live on (tests, notebooks)
                 signal.signal(sig, handler)
 
-    def train_step(self, data_iter: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, data_iter: PrefetchingLoader) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm)."""
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device)
@@ -369,6 +371,8 @@ class Trainer:
 
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self._grad_norm([p.grad for p in params])
+        # The check below waits for the GPU; read the next step's batch first, while the GPU still works.
+        data_iter.fetch_ahead()
         if not (torch.isfinite(total_loss) and torch.isfinite(grad_norm)):
             # Checked before clipping: a nan norm would spread nan into every gradient.
             self._handle_nonfinite(total_loss, grad_norm)
