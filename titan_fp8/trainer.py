@@ -372,7 +372,10 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self._grad_norm([p.grad for p in params])
         # The check below waits for the GPU; read the next step's batch first, while the GPU still works.
+        fetch_start = time.perf_counter()
         data_iter.fetch_ahead()
+        if self.device.type == "cpu":  # no device runs meanwhile: the read is on the step's critical path
+            self.throughput.add(0, time.perf_counter() - fetch_start)
         if not (torch.isfinite(total_loss) and torch.isfinite(grad_norm)):
             # Checked before clipping: a nan norm would spread nan into every gradient.
             self._handle_nonfinite(total_loss, grad_norm)
