@@ -33,18 +33,18 @@ class PrefetchingLoader:
         if self._ahead is not None:
             batch, self._ahead = self._ahead[0], None
             return batch
-        if self._iter is None:
-            self._iter = iter(self.loader)
-        return next(self._iter)
+        return self._read()
 
     def fetch_ahead(self) -> None:
         """Read the next batch now (a no-op while one is already held)."""
-        if self._ahead is not None:
-            return
+        if self._ahead is None:
+            state = self.loader.state_dict()
+            self._ahead = (self._read(), state)
+
+    def _read(self) -> Any:
         if self._iter is None:
             self._iter = iter(self.loader)
-        state = self.loader.state_dict()
-        self._ahead = (next(self._iter), state)
+        return next(self._iter)
 
     def state_dict(self) -> Any:
         return self._ahead[1] if self._ahead is not None else self.loader.state_dict()

@@ -16,7 +16,8 @@ input saved for backward), ``reuse_float8_weight`` (with
 after ``optimizer.step()``); and ``module_filter_fn=small_gemm_filter(config, tokens)`` keeps Linears
 too small to gain in high precision.
 
-This package imports only torch (and triton for kernels), never the rest of titan_fp8.
+This package imports only torch (and triton for kernels), never the rest of titan_fp8 except
+titan_fp8.torch_support (torch-only capability probes).
 """
 
 from .casting import cast_to_float8

@@ -12,26 +12,20 @@ from typing import NamedTuple
 
 import torch
 
+from titan_fp8.torch_support import cpu_rowwise_scaled_mm_works
+
 from .config import FLOAT8_DTYPES
 
 HIGH_PRECISION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _cpu_supports_rowwise_scaled_mm() -> bool:
-    # torch 2.11's CPU (oneDNN) _scaled_mm takes per-tensor scales only; later versions take rowwise.
-    # Probed once at import (a 16x16 GEMM), never inside a compiled region.
-    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.float32)
-    except (RuntimeError, NotImplementedError):
-        logging.getLogger(__name__).info(
-            "float8: this torch's CPU _scaled_mm takes per-tensor scales only; rowwise fp8 GEMMs on CPU are emulated"
-        )
-        return False
-    return True
-
-
-CPU_ROWWISE_SCALED_MM = _cpu_supports_rowwise_scaled_mm()
+# torch 2.11's CPU (oneDNN) _scaled_mm takes per-tensor scales only; later versions take rowwise.
+# Probed once at import (a 16x16 GEMM), never inside a compiled region.
+CPU_ROWWISE_SCALED_MM = cpu_rowwise_scaled_mm_works()
+if not CPU_ROWWISE_SCALED_MM:
+    logging.getLogger(__name__).info(
+        "float8: this torch's CPU _scaled_mm takes per-tensor scales only; rowwise fp8 GEMMs on CPU are emulated"
+    )
 
 
 class ScaledMMContractError(RuntimeError):

@@ -1,8 +1,8 @@
 """Quantisation for serving and QAT: one quantised-weight format, fake quantisation built on the same
 functions, model passes (prepare / convert / kernels) and the safetensors artifact. See docs/qat.md.
 
-Imports only torch, titan_fp8.loss (torch only: a QAT output head computes the loss like the model's own)
-and, lazily for the artifact, safetensors.
+Imports only torch, titan_fp8.loss (torch only: a QAT output head computes the loss like the model's own),
+titan_fp8.torch_support (torch-only capability probes) and, lazily for the artifact, safetensors.
 """
 
 from .artifact import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE, ArtifactError,

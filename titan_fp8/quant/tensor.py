@@ -33,16 +33,17 @@ Ops: a fail-closed table. `__torch_function__` handles `F.linear` and `F.embeddi
 handles detach/alias/clone/_to_copy; any other op raises NotImplementedError naming it (call
 `dequantize()` first).
 
-Imports only torch.
+Imports only torch (and titan_fp8.torch_support, torch only).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from titan_fp8.torch_support import cpu_rowwise_scaled_mm_works
 
 from .primitives import pack_int4, unpack_int4
 from .schemes import QuantScheme
@@ -293,21 +294,6 @@ def _to_copy(t, *, dtype=None, device=None, layout=None, pin_memory=None, non_bl
 # --------------------------------------------------------------------------------------------------
 # Kernel choice and the int4 tinygemm layout
 # --------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_rowwise_scaled_mm_works() -> bool:
-    """Whether this torch's CPU `_scaled_mm` takes rowwise (per-row / per-column) scales.
-
-    torch 2.13's does; torch 2.11's CPU path asserts per-tensor scales. Probed once with a 16 x 16 call
-    rather than read off the version, so a build that has it is used and one that lacks it is not."""
-    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    ones = torch.ones(16, 1)
-    try:
-        y = torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.float32)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return bool(torch.all(y == 16.0))
 
 
 def choose_kernel(t: QuantizedTensor) -> tuple[str, str]:
