@@ -10,7 +10,7 @@ process on the same inputs (CUDA only).
 Variants (comma-separated with --variants; default: DEFAULT_VARIANTS[mode]):
   bf16                      plain nn.Linear, bf16
   RECIPE                    titan_fp8 recipe with default settings: tensorwise, rowwise, rowwise_with_gw_hp, delayed
-                            (rowwise's defaults include triton + save8)
+                            (rowwise's defaults include triton)
   RECIPE+SWITCH[+SWITCH..]  with Float8LinearConfig switches on:
       plain    cast_backend="torch", save_float8_for_backward=False first (the recipe without speed
                                                defaults; other switches then turn things back on)

@@ -101,10 +101,13 @@ def test_trainer_config_wires_every_switch():
 
     default = build_converters(load_config(["--float8.enable"]))[0].config
     assert default.cast_backend == "torch" and not default.save_float8_for_backward and not default.reuse_float8_weight
-    # Unset keys keep the recipe's choice: rowwise runs the Triton casts and saves the fp8 input...
+    # Unset keys keep the recipe's choice: rowwise runs the Triton casts (not the saved fp8 input)...
     rowwise = build_converters(load_config(["--float8.enable", "--float8.recipe_name", "rowwise"]))[0].config
-    assert rowwise.cast_backend == "triton" and rowwise.save_float8_for_backward
+    assert rowwise.cast_backend == "triton" and not rowwise.save_float8_for_backward
     # ...and set keys override it.
     plain = build_converters(load_config(["--float8.enable", "--float8.recipe_name", "rowwise", "--float8.cast_backend",
                                           "torch", "--float8.save_float8_for_backward", "false"]))[0].config
+    saving = build_converters(load_config(["--float8.enable", "--float8.recipe_name", "rowwise",
+                                           "--float8.save_float8_for_backward"]))[0].config
+    assert saving.cast_backend == "triton" and saving.save_float8_for_backward
     assert plain.cast_backend == "torch" and not plain.save_float8_for_backward

@@ -164,7 +164,8 @@ class Float8:
                                               "(triton for rowwise, torch otherwise)", choices=("torch", "triton"))
     save_float8_for_backward: Optional[bool] = _opt(None, "save the fp8 input (both layouts cast in one forward pass) "
                                                           "for backward instead of the high-precision input; default: "
-                                                          "the recipe's (on for rowwise)")
+                                                          "off (compiled, the backward recasts the input inside the kernels that "
+                                                          "recompute it; on: a little faster, more memory)")
     reuse_float8_weight: bool = _opt(False, "cast each weight to fp8 once per optimizer step and reuse it across "
                                             "gradient-accumulation micro-batches (not with FSDP)")
 

@@ -349,14 +349,16 @@ def _rowwise() -> Float8LinearConfig:
     # All e4m3 (rowwise kernels take e4m3 only; per-row scales recover the range e5m2 gave).
     cc = CastConfig(scaling_granularity=ScalingGranularity.AXISWISE, target_dtype=torch.float8_e4m3fn)
     # Rowwise casts each operand twice (per-row scales for one GEMM, per-column for the other): the Triton
-    # kernels measure both amaxes in one pass and write both layouts in one more, and the forward keeps
-    # the fp8 transposed input for grad_weight. Same bits as the torch path (tests/test_float8_kernels.py);
-    # H100, 4 Llama3-8B layers end to end: 1.169x bf16 against 1.112x for the torch path, peak memory
-    # 0.98x instead of 0.94x (docs/performance.md). Tensorwise/delayed stay on the torch path, where
-    # inductor fuses the casts into RMSNorm and SwiGLU and the Triton kernels measured no faster.
+    # kernels measure both amaxes in one pass and write the forward's layout in one more; the backward recasts
+    # the input with the saved per-column scales (compiled: in torch ops that inductor fuses into the
+    # recomputation of the input, so nothing extra is kept for backward). Same bits as the torch path
+    # (tests/test_float8_kernels.py). H100, 4 Llama3-8B layers end to end: 1.177x bf16 at 0.89x its peak
+    # memory; the torch path 1.112x; keeping the fp8 input instead (save_float8_for_backward) 1.184x at 0.955x
+    # (docs/performance.md). Tensorwise/delayed stay on the torch path, where inductor fuses the casts into
+    # RMSNorm and SwiGLU and the Triton kernels measured no faster.
     return Float8LinearConfig(
         cast_config_input=cc, cast_config_weight=cc, cast_config_grad_output=cc, round_scales_to_power_of_2=True,
-        cast_backend="triton", save_float8_for_backward=True,
+        cast_backend="triton",
     )
 
 
