@@ -60,6 +60,29 @@ def _fp8_config(config: Float8LinearConfig, operand: Operand, gemm: Gemm):
     return cc if cc.enabled else None
 
 
+def _cast_backend(config: Float8LinearConfig, operand: Operand, *, main: bool, other: Optional[str],
+                  other_scale: Optional[torch.Tensor]) -> str:
+    """Where a cast runs. The Triton kernels earn their keep on activations, whose amax pass they fuse
+    (rows and columns in one read); under torch.compile everything else stays in torch ops for inductor."""
+    if config.cast_backend == "torch" or not torch.compiler.is_compiling():
+        return config.cast_backend  # eager: the Triton kernel is one launch where torch ops are several
+    if not main and other == "data" and other_scale is not None:
+        # The backward's recast with the scale the forward computed is one pointwise op, which inductor fuses
+        # into the kernel that recomputes its input (RMSNorm, SwiGLU), so the partitioner keeps nothing for
+        # it. As an opaque Triton op it pinned its bf16 input (or, with save_float8_for_backward, an fp8
+        # copy) in memory until backward: rowwise peak 0.955x -> 0.89x bf16 at 1.177x vs 1.184x (H100).
+        return "torch"
+    if operand is Operand.WEIGHT and WEIGHT_CASTS_IN_TORCH_WHEN_COMPILED:
+        # A weight has no producer kernel to fuse with, and is small next to the activations: the Triton
+        # kernels save little GPU time on it but each launch costs host time (custom op + autotuner + Triton
+        # launcher), which isolated or small Linears wait for.
+        return "torch"
+    return config.cast_backend
+
+
+WEIGHT_CASTS_IN_TORCH_WHEN_COMPILED = True
+
+
 def _cast(
     t: torch.Tensor,
     operand: Operand,
@@ -73,14 +96,7 @@ def _cast(
 ) -> OperandCasts:
     """Cast a 2-D operand for its main GEMM and/or its other GEMM (see casting.cast_both_orientations)."""
     main_gemm, other_gemm = _MAIN_GEMM[operand], _OTHER_GEMM[operand]
-    backend = config.cast_backend
-    if not main and other == "data" and other_scale is not None and torch.compiler.is_compiling():
-        # The backward's recast with the scale the forward computed is one pointwise op. Compiled, it stays in
-        # torch ops: inductor fuses it into the kernel that recomputes its input (RMSNorm, SwiGLU), so the
-        # partitioner keeps nothing for it. As an opaque Triton op it pinned its bf16 input (or, with
-        # save_float8_for_backward, an fp8 copy) in memory until backward: rowwise peak 0.955x -> 0.89x bf16
-        # at 1.177x vs 1.184x (H100, docs/performance.md). Eager, the Triton kernel is the faster one.
-        backend = "torch"
+    backend = _cast_backend(config, operand, main=main, other=other, other_scale=other_scale)
     return cast_both_orientations(
         t,
         _fp8_config(config, operand, main_gemm) if main else None,
