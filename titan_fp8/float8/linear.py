@@ -80,6 +80,7 @@ def _cast_backend(config: Float8LinearConfig, operand: Operand, *, main: bool, o
     return config.cast_backend
 
 
+# A module constant so that a benchmark can A/B it (docs/performance.md, session 8: per-Linear and e2e).
 WEIGHT_CASTS_IN_TORCH_WHEN_COMPILED = True
 
 
