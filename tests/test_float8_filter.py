@@ -107,7 +107,7 @@ def test_trainer_config_wires_every_switch():
     # ...and set keys override it.
     plain = build_converters(load_config(["--float8.enable", "--float8.recipe_name", "rowwise", "--float8.cast_backend",
                                           "torch", "--float8.save_float8_for_backward", "false"]))[0].config
+    assert plain.cast_backend == "torch" and not plain.save_float8_for_backward
     saving = build_converters(load_config(["--float8.enable", "--float8.recipe_name", "rowwise",
                                            "--float8.save_float8_for_backward"]))[0].config
     assert saving.cast_backend == "triton" and saving.save_float8_for_backward
-    assert plain.cast_backend == "torch" and not plain.save_float8_for_backward

@@ -66,22 +66,17 @@ def _cast_backend(config: Float8LinearConfig, operand: Operand, *, main: bool, o
     (rows and columns in one read); under torch.compile everything else stays in torch ops for inductor."""
     if config.cast_backend == "torch" or not torch.compiler.is_compiling():
         return config.cast_backend  # eager: the Triton kernel is one launch where torch ops are several
-    if not main and other == "data" and other_scale is not None:
-        # The backward's recast with the scale the forward computed is one pointwise op, which inductor fuses
-        # into the kernel that recomputes its input (RMSNorm, SwiGLU), so the partitioner keeps nothing for
-        # it. As an opaque Triton op it pinned its bf16 input (or, with save_float8_for_backward, an fp8
-        # copy) in memory until backward: rowwise peak 0.955x -> 0.89x bf16 at 1.177x vs 1.184x (H100).
-        return "torch"
-    if operand is Operand.WEIGHT and WEIGHT_CASTS_IN_TORCH_WHEN_COMPILED:
-        # A weight has no producer kernel to fuse with, and is small next to the activations: the Triton
-        # kernels save little GPU time on it but each launch costs host time (custom op + autotuner + Triton
-        # launcher), which isolated or small Linears wait for.
+    # The backward's recast with the scale the forward computed is one pointwise op, which inductor fuses
+    # into the kernel that recomputes its input (RMSNorm, SwiGLU), so the partitioner keeps nothing for it.
+    # As an opaque Triton op it pinned its bf16 input (or, with save_float8_for_backward, an fp8 copy) in
+    # memory until backward: rowwise peak 0.955x -> 0.89x bf16 at 1.177x vs 1.184x (H100).
+    backward_recast = not main and other == "data" and other_scale is not None
+    # A weight has no producer kernel to fuse with, and is small next to the activations: the Triton kernels
+    # save little GPU time on it but each launch costs host time (custom op + autotuner + Triton launcher),
+    # which isolated or small Linears wait for (H100 per-Linear rowwise 4096x4096: 0.95x -> 1.06x bf16).
+    if backward_recast or operand is Operand.WEIGHT:
         return "torch"
     return config.cast_backend
-
-
-# A module constant so that a benchmark can A/B it (docs/performance.md, session 8: per-Linear and e2e).
-WEIGHT_CASTS_IN_TORCH_WHEN_COMPILED = True
 
 
 def _cast(
