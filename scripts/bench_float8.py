@@ -40,6 +40,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from typing import Callable, Optional
@@ -231,6 +232,30 @@ def _kernel_class(name: str) -> str:
     return "other"
 
 
+def stream_idle(events: list[dict]) -> dict:
+    """How long the GPU sat idle inside one profiled step, from its chrome trace's events: the time between
+    the first kernel's start and the last one's end when no kernel, copy or memset ran on any stream. Each
+    gap between back-to-back kernels is a few µs; a long one means the GPU waited for the host. (The
+    profiled step starts after a synchronize, so its first kernels wait for the host by construction: the
+    largest gap, after the embedding's gather, is that; back to back, the host runs ahead.)"""
+    busy = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                  key=lambda e: e["ts"])
+    if not busy:
+        return {}
+    first, end, prev = busy[0]["ts"], busy[0]["ts"] + busy[0]["dur"], busy[0]
+    gaps = []
+    for e in busy[1:]:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, prev["name"], e["name"]))
+        if e["ts"] + e["dur"] > end:
+            end, prev = e["ts"] + e["dur"], e
+    us = [g[0] for g in gaps]
+    return {"span_ms": (end - first) / 1e3, "idle_ms": sum(us) / 1e3, "gaps": len(gaps),
+            "idle_in_gaps_over_20us_ms": sum(u for u in us if u >= 20) / 1e3,
+            "largest": [{"us": round(u, 1), "after": a[:80], "before": b[:80]}
+                        for u, a, b in sorted(gaps, key=lambda g: -g[0])[:3]]}
+
+
 def profile_breakdown(fn: Callable[[], None]) -> dict:
     """GPU time of one call of fn() by kernel class (ms), from torch.profiler."""
     if DEVICE != "cuda":
@@ -258,6 +283,11 @@ def profile_breakdown(fn: Callable[[], None]) -> dict:
         out["kernels"] = kernels
         # Every kernel by time: the JSON keeps all of them, --top_kernels prints the largest.
         out["per_kernel"] = sorted(per_kernel, key=lambda k: -k["ms"])
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(trace)
+            with open(trace) as f:
+                out["idle"] = stream_idle(json.load(f).get("traceEvents", []))
         return out
     except Exception as e:  # never let profiling cost the measurement
         return {"error": repr(e)[:200]}
@@ -277,7 +307,9 @@ def fmt_breakdown(b: Optional[dict]) -> str:
     if not b or "error" in b:
         return "" if not b else f"profile error: {b['error']}"
     return (f"gemm {b['gemm']:.2f} | our casts {b['our_casts']:.2f} | inductor {b['inductor']:.2f} | "
-            f"attn {b['attention']:.2f} | other {b['other']:.2f} ms | {b['kernels']} kernels")
+            f"attn {b['attention']:.2f} | other {b['other']:.2f} ms | {b['kernels']} kernels"
+            + (f" | GPU idle in the step {b['idle']['idle_ms']:.2f} ms ({b['idle']['gaps']} gaps, "
+               f"{b['idle']['idle_in_gaps_over_20us_ms']:.2f} ms in gaps >= 20 us)" if b.get("idle") else ""))
 
 
 _DUMP: Optional[Callable[[], None]] = None  # writes the JSON so far (set by main): a killed run keeps its results

@@ -42,3 +42,30 @@ def test_linear_smoke_runs(repo_root, tmp_path):
     for shape in result["linear"].values():
         assert shape["bf16"]["ms"] > 0 and shape["tensorwise"]["ms"] > 0
         assert len(shape["tensorwise"]["sqnr"].split("/")) == 3  # output / grad_input / grad_weight vs bf16, dB
+
+
+def test_stream_idle_counts_only_time_with_nothing_running(repo_root, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_float8", os.path.join(repo_root, "scripts", "bench_float8.py"))
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_float8", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+
+    def kernel(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        kernel("gemm", 0.0, 100.0),
+        kernel("cast_on_side_stream", 50.0, 80.0),  # overlaps gemm and ends at 130: no gap before 130
+        kernel("Memset (Device)", 133.0, 2.0, cat="gpu_memset"),  # 3 us gap
+        kernel("norm", 160.0, 40.0),  # 25 us gap after the memset
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 135.0, "dur": 30.0},  # host side: not GPU work
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 300.0},  # not a duration event
+    ]
+    idle = bench.stream_idle(events)
+    assert idle["span_ms"] == pytest.approx(0.200)
+    assert idle["gaps"] == 2 and idle["idle_ms"] == pytest.approx(0.028)
+    assert idle["idle_in_gaps_over_20us_ms"] == pytest.approx(0.025)
+    assert idle["largest"][0] == {"us": 25.0, "after": "Memset (Device)", "before": "norm"}
+    assert bench.stream_idle([]) == {}
