@@ -11,8 +11,9 @@ same training batches (the ones after the checkpoint's step) at --lr, constant o
              output head and the token embedding). Its fake-quantised forward is the exported artifact's
              reference path bit for bit (tests/test_export.py)
   titan_fp8_range_learning
-             the same with learned per-group weight scales (`--qat.range_learning`): they start at the
-             weights' ranges and train (LSQ gradient) at --scale_lr_ratio x the lr, without weight decay
+             the same with learned per-group weight scales (`--qat.range_learning`): they start where
+             --scale_init says (as `--qat.scale_init`: the weights' ranges by default) and train (LSQ
+             gradient) at --scale_lr_ratio x the lr, without weight decay
   torchao    torchao's Int8DynActInt4WeightQATQuantizer (every Linear) + Int4WeightOnlyEmbeddingQATQuantizer
              (when torchao is importable: `pip install -e .[bench]`)
 
@@ -111,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--max_norm", type=float, default=1.0)
     p.add_argument("--scale_lr_ratio", type=float, default=0.03,
                    help="learned scales' lr / the lr (titan_fp8_range_learning arm; as --qat.scale_lr_ratio)")
+    p.add_argument("--scale_init", default="range", choices=("range", "mse", "activation_mse"),
+                   help="where the titan_fp8_range_learning arm's scales start (as --qat.scale_init; activation_mse: "
+                        "statistics of the first training batch, as the trainer)")
     p.add_argument("--data_offset", type=int, default=0,
                    help="skip this many more training batches (repeats on other data)")
     p.add_argument("--dataset", default="stdlib")
@@ -131,7 +135,8 @@ def main(argv=None) -> int:
     import export as export_script
 
     from titan_fp8.data import build_dataloader
-    from titan_fp8.quant import QuantScheme, initialize_learned_scales_, prepare_qat_
+    from titan_fp8.quant import (QuantScheme, calibrate_learned_scales_, initialize_learned_scales_, prepare_qat_,
+                                 set_fake_quant_)
 
     try:
         base, manifest = export_script.load_checkpoint(a.checkpoint)
@@ -149,7 +154,11 @@ def main(argv=None) -> int:
 
     def ours_range_learning_prepare(m):
         prepare_qat_(m, scheme, range_learning=True)
-        initialize_learned_scales_(m)
+        if a.scale_init == "activation_mse":  # the float model's inputs on the first training batch
+            set_fake_quant_(m, False)
+            calibrate_learned_scales_(m, lambda: m(train[0][0].to(device)))
+            set_fake_quant_(m, True)
+        initialize_learned_scales_(m, a.scale_init)
 
     ao_prepare = None if a.no_torchao else torchao_prepare(a.group_size)
 
@@ -172,7 +181,8 @@ def main(argv=None) -> int:
         return model, secs
 
     res = {"checkpoint": a.checkpoint, "first_batch": start, "steps": a.steps, "lr": a.lr, "final_lr": final_lr,
-           "group_size": a.group_size, "scale_lr_ratio": a.scale_lr_ratio, "scheme": SCHEME, "heldout_tokens": sum(y.numel() for _, y in val), "torch": torch.__version__,
+           "group_size": a.group_size, "scale_lr_ratio": a.scale_lr_ratio, "scale_init": a.scale_init,
+           "scheme": SCHEME, "heldout_tokens": sum(y.numel() for _, y in val), "torch": torch.__version__,
            "device": str(device), "arms": {}}
     model, secs = arm(None)
     fp32 = heldout_loss(model, val, device)

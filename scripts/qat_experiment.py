@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--scheme", default=QAT_SCHEME)
     p.add_argument("--group_size", type=int, default=32)
     p.add_argument("--reuse", action="store_true", help="reuse finished training runs in --workdir")
+    p.add_argument("--qat_args", default="",
+                   help="more trainer flags for the QAT run, e.g. \"--qat.range_learning --qat.scale_init activation_mse\"")
     a = p.parse_args(argv)
     start = a.qat_start or a.steps // 2
     os.makedirs(a.workdir, exist_ok=True)
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
         shutil.copytree(os.path.join(base_ckpt, f"step-{start}"), os.path.join(qat_ckpt, f"step-{start}"))
         timings["qat_train_s"] = train(a.workdir, "qat", a.config, a.steps, [
             "--checkpoint.interval", str(a.steps), "--qat.enable", "--qat.scheme", a.scheme,
-            "--qat.group_size", str(a.group_size), "--qat.start_step", str(start + 1), "--qat.filter_fqns", ""])
+            "--qat.group_size", str(a.group_size), "--qat.start_step", str(start + 1), "--qat.filter_fqns", "",
+            *a.qat_args.split()])
 
     tok = build_tokenizer(None, vocab_size=4096)
     batches = list(build_dataloader(dataset="stdlib", dataset_path=None, tokenizer=tok, seq_len=256,
@@ -121,9 +124,15 @@ def main(argv=None) -> int:
     # The same two models fake-quantised in fp32 (the QAT forward, activations included): tells the artifact's
     # kernels apart from the quantisation itself.
     qat_scheme = QuantScheme.from_name(a.scheme, group_size=a.group_size)
-    for label, model in (("PTQ", base_model), ("QAT", qat_model)):
-        prepare_qat_(model, qat_scheme)
-        add(f"{label} {a.scheme}, fake-quantised (fp32)", heldout_loss(model, batches, device), note="reference path")
+    prepare_qat_(base_model, qat_scheme)
+    add(f"PTQ {a.scheme}, fake-quantised (fp32)", heldout_loss(base_model, batches, device), note="reference path")
+    if "--qat.range_learning" in a.qat_args.split():  # the QAT run's learned scales, loaded with its weights
+        learned = lambda m: prepare_qat_(m, qat_scheme, range_learning=True)  # noqa: E731
+        qat_model, _ = export_script.load_checkpoint(os.path.join(qat_ckpt, f"step-{a.steps}"), learned)
+    else:
+        prepare_qat_(qat_model, qat_scheme)
+    add(f"QAT {a.scheme}, fake-quantised (fp32)", heldout_loss(qat_model.to(device), batches, device),
+        note="reference path")
     del base_model, qat_model
 
     arts = os.path.join(a.workdir, "artifacts")

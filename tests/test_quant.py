@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from titan_fp8.models import Transformer
 from titan_fp8.models.llama3 import ModelArgs
 from titan_fp8.quant.tensor import cpu_rowwise_scaled_mm_works
-from titan_fp8.quant import (LEARNED_SCALE_NAME, SCHEMES, FakeQuantEmbedding, FakeQuantLinear, QuantFormat,
-                             QuantizedTensor, QuantScheme, build_qat_converter, choose_kernel, fake_quantize,
-                             fake_quantize_learned_scale, initialize_learned_scales_, pack_int4,
+from titan_fp8.quant import (LEARNED_SCALE_NAME, SCHEMES, FakeQuantEmbedding, FakeQuantLinear, QATConverter,
+                             QuantFormat, QuantizedTensor, QuantScheme, build_qat_converter, calibrate_learned_scales_,
+                             choose_kernel, fake_quantize, fake_quantize_learned_scale, initialize_learned_scales_,
+                             mse_scales, pack_int4,
                              prepare_for_inference_, prepare_qat_, quantize_, set_fake_quant_, unpack_int4,
                              weight_memory_bytes)
 
@@ -461,3 +462,105 @@ def test_converter_errors():
         model = Transformer(TINY)
     with pytest.raises(ValueError, match="no Linear or Embedding"):
         conv.convert(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where learned scales start: range, mse, activation_mse (calibrated on one forward)
+# --------------------------------------------------------------------------------------------------
+
+
+def _weighted_errors(w, fmt, col_weight, ratios):
+    """(len(ratios), rows, groups) weighted squared error of each candidate clip ratio, by brute force."""
+    wg = w.float().reshape(w.shape[0], -1, fmt.group_size)
+    cw = col_weight.reshape(1, -1, fmt.group_size)
+    amax = wg.abs().amax(-1)
+    out = []
+    for r in ratios:
+        s = fmt.stored_scale(amax * r / 7.5).float().unsqueeze(-1)
+        q = torch.clamp(torch.round(wg / s), fmt.qmin, fmt.qmax)
+        out.append((((q * s - wg) ** 2) * cw).sum(-1))
+    return torch.stack(out)
+
+
+def test_mse_scales_pick_the_least_weighted_error_and_are_never_worse_than_the_range():
+    torch.manual_seed(0)
+    fmt = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32).weight
+    w = torch.randn(16, 128)
+    w[:, 5] *= 8  # an outlier column: the range-based scale wastes most of the grid on it
+    uniform = torch.ones(128)
+    skewed = torch.rand(128) ** 4 * 100  # a few input features carry most of the output
+    ratios = [0.4 + 0.015 * i for i in range(41)]
+    for cw in (uniform, skewed):
+        s = mse_scales(w, fmt, None if cw is uniform else cw)
+        errors = _weighted_errors(w, fmt, cw, ratios)
+        wg = w.reshape(16, -1, 32)
+        q = torch.clamp(torch.round(wg / s.unsqueeze(-1)), fmt.qmin, fmt.qmax)
+        chosen = (((q * s.unsqueeze(-1) - wg) ** 2) * cw.reshape(1, -1, 32)).sum(-1)
+        torch.testing.assert_close(chosen, errors.min(0).values, rtol=1e-6, atol=0)  # the best candidate
+        assert (chosen <= errors[-1]).all()  # ratio 1.0 is the range-based scale
+        assert (chosen < errors[-1]).any()
+        assert torch.equal(s, fmt.stored_scale(s))  # as the format stores it
+    assert not torch.equal(mse_scales(w, fmt), mse_scales(w, fmt, skewed))
+
+
+def test_activation_mse_calibrates_once_on_the_float_model_then_starts_the_scales():
+    scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
+    model = tiny_model()
+    float_model = copy.deepcopy(model)
+    converter = QATConverter(scheme, start_step=3, range_learning=True, scale_init="activation_mse")
+    converter.convert(model)
+    converter.init_buffers(model)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16))
+    calls = []
+
+    def forward():
+        calls.append(1)
+        model(tokens)
+
+    for step in (1, 2):
+        converter.pre_step(model, step)
+        converter.calibrate(model, forward)
+    assert not calls and not model.output.fake_quant_enabled
+    converter.pre_step(model, 3)
+    assert not model.output.fake_quant_enabled  # still the float model: calibrate() switches it on
+    converter.calibrate(model, forward)
+    assert len(calls) == 1 and model.output.fake_quant_enabled and not model.output.calibrating
+    # The statistics are the float model's inputs of each Linear, summed over tokens.
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].float().square().sum((0, 1))))
+             for n, m in float_model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        float_model(tokens)
+    for h in hooks:
+        h.remove()
+    fmt = scheme.weight
+    for name in ("layers.0.attention.wq", "layers.0.feed_forward.w2", "output"):
+        m = model.get_submodule(name)
+        torch.testing.assert_close(m.input_sq_sum, seen[name], rtol=1e-5, atol=0)
+        assert torch.equal(m.weight_scale, mse_scales(m.weight, fmt, m.input_sq_sum))
+    assert torch.equal(model.tok_embeddings.weight_scale, mse_scales(model.tok_embeddings.weight, fmt))  # no inputs
+    assert "input_sq_sum" not in str(list(model.state_dict()))  # not saved
+    converter.pre_step(model, 4)
+    converter.calibrate(model, forward)
+    assert len(calls) == 1
+    # A resumed run whose scales came from the checkpoint does not calibrate again.
+    resumed = QATConverter(scheme, start_step=3, range_learning=True, scale_init="activation_mse")
+    resumed.pre_step(model, 5)
+    resumed.calibrate(model, forward)
+    assert len(calls) == 1 and model.output.fake_quant_enabled
+    with pytest.raises(ValueError, match="qat.scale_init: expected one of range, mse, activation_mse"):
+        QATConverter(scheme, range_learning=True, scale_init="best")
+
+
+def test_calibration_statistics_compile():
+    scheme = QuantScheme.from_name("int8_dynamic_activation_int4_weight", 32)
+    eager = FakeQuantLinear.from_linear(nn.Linear(64, 32), scheme, range_learning=True)
+    compiled_module = copy.deepcopy(eager)
+    fn = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, 64)
+    set_fake_quant_(eager, False)
+    set_fake_quant_(compiled_module, False)
+    assert calibrate_learned_scales_(eager, lambda: eager(x)) == 1
+    assert calibrate_learned_scales_(compiled_module, lambda: fn(x)) == 1
+    torch.testing.assert_close(compiled_module.input_sq_sum, eager.input_sq_sum, rtol=1e-6, atol=0)
+    torch.testing.assert_close(eager.input_sq_sum, x.square().sum((0, 1)), rtol=1e-6, atol=0)

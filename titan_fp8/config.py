@@ -186,6 +186,11 @@ class QAT:
                                        "the weight's range every step; int8_dynamic_activation_int4_weight and "
                                        "int8_weight_only; export.py uses the learned scales")
     scale_lr_ratio: float = _opt(0.03, "learned scales train at this fraction of optimizer.lr, without weight decay")
+    scale_init: str = _opt("range", "how learned scales start when fake quantisation switches on: the weight "
+                                    "groups' ranges (where plain QAT starts), the clip with the least squared "
+                                    "weight error (mse), or with the least squared output error, weighted by "
+                                    "the inputs' mean squares over that step's first micro-batch (activation_mse)",
+                           choices=("range", "mse", "activation_mse"))
 
 
 @dataclass(frozen=True)
@@ -544,6 +549,8 @@ def validate(config: JobConfig) -> None:
              "qat.range_learning", f"needs symmetric integer weights (scheme int8_dynamic_activation_int4_weight or "
                                    f"int8_weight_only), got scheme {q.scheme}")
     _require(q.scale_lr_ratio > 0, "qat.scale_lr_ratio", f"must be > 0, got {q.scale_lr_ratio}")
+    _require(q.scale_init == "range" or q.range_learning, "qat.scale_init",
+             f"{q.scale_init} sets the starting value of learned scales: it needs qat.range_learning")
 
     _require(config.metrics.log_freq >= 1, "metrics.log_freq", f"must be >= 1, got {config.metrics.log_freq}")
     v = config.validation

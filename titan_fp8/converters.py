@@ -1,8 +1,9 @@
 """Model converters (float8 training, QAT) with the hooks the trainer calls.
 
 A converter changes the model before parallelism (`convert`), may need its buffers initialised once the
-meta-device model is materialised (`init_buffers`), runs once per step before forward (`pre_step`) and after
-`optimizer.step()` (`post_optimizer_hook`), and turns training modules into serving ones (`finalize`).
+meta-device model is materialised (`init_buffers`), runs once per step before forward (`pre_step`, then
+`calibrate` with a function that runs the step's first micro-batch) and after `optimizer.step()`
+(`post_optimizer_hook`), and turns training modules into serving ones (`finalize`).
 The float8 and quant packages know nothing of the job config: this module translates the config into
 their narrow arguments.
 """
@@ -10,7 +11,7 @@ their narrow arguments.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -29,6 +30,10 @@ class ModelConverter:
         pass
 
     def pre_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def calibrate(self, model: nn.Module, run_forward: Callable[[], object]) -> None:
+        """Before each step's first forward: `run_forward()` runs the model on that micro-batch (no grad)."""
         pass
 
     def post_optimizer_hook(self, model: nn.Module) -> None:
@@ -141,7 +146,8 @@ def build_converters(config: JobConfig, process_group=None, fsdp_enabled: bool =
             raise ValueError("qat.enable: QAT and float8 training cannot be combined; enable one of them")
         converters.append(build_qat_converter(scheme=config.qat.scheme, group_size=config.qat.group_size,
                                               start_step=config.qat.start_step, filter_fqns=config.qat.filter_fqns,
-                                              range_learning=config.qat.range_learning))
+                                              range_learning=config.qat.range_learning,
+                                              scale_init=config.qat.scale_init, process_group=process_group))
     if config.float8_enabled:
         f8 = config.float8
         all_gather = f8.enable_fsdp_float8_all_gather and fsdp_enabled

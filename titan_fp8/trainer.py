@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 from titan_fp8.checkpoint import (CheckpointManager, ModelState, OptimizerState, PerRankState, RNGState,
                                   config_hash)
@@ -350,12 +351,15 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches; returns (loss, grad_norm)."""
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum_steps):
+        for micro in range(self.grad_accum_steps):
             data_start = time.perf_counter()
             input_ids, labels = next(data_iter)
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             self.throughput.add(labels.numel(), time.perf_counter() - data_start)
+            if micro == 0:  # QAT with scales started from input statistics: one no-grad forward, once
+                for converter in self.converters:
+                    converter.calibrate(self.model, lambda: self._no_grad_forward(input_ids))
             with self._autocast():
                 if self.fused_loss:
                     loss = self.model(input_ids, labels=labels)
@@ -387,6 +391,17 @@ class Trainer:
         for converter in self.converters:
             converter.post_optimizer_hook(self.model)
         return total_loss, grad_norm
+
+    @torch.no_grad()
+    def _no_grad_forward(self, input_ids: torch.Tensor) -> None:
+        with self._autocast():
+            self.model(input_ids)
+        # FSDP keeps the groups that do not reshard after forward (the last block, norm + output) unsharded
+        # until a backward that this forward never has: reshard them, or a converter writing parameters now
+        # (learned QAT scales) would write the soon-discarded unsharded copies, not the shards.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     @staticmethod
     def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,8 @@ from .artifact import (CONFIG_FILE, FORMAT, FORMAT_VERSION, TOKENIZER_FILE, WEIG
                        install_state_, read_artifact, save_artifact, sha256_file)
 from .converter import QATConverter, build_qat_converter
 from .primitives import QuantFormat, fake_quantize, fake_quantize_learned_scale, pack_int4, unpack_int4
-from .qat import (LEARNED_SCALE_NAME, FakeQuantEmbedding, FakeQuantLinear, QuantReport, initialize_learned_scales_,
+from .qat import (LEARNED_SCALE_NAME, SCALE_INITS, FakeQuantEmbedding, FakeQuantLinear, QuantReport,
+                  calibrate_learned_scales_, initialize_learned_scales_, mse_scales,
                   prepare_for_inference_, prepare_qat_, quantize_, reset_learned_scales_, set_fake_quant_, skip_reason,
                   weight_memory_bytes)
 from .schemes import GROUP_SIZES, SCHEMES, QuantScheme
@@ -19,6 +20,6 @@ __all__ = [
     "ArtifactError", "CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "FORMAT", "FORMAT_VERSION", "install_state_", "read_artifact", "save_artifact", "sha256_file",
     "QATConverter", "build_qat_converter", "QuantFormat", "fake_quantize", "fake_quantize_learned_scale", "pack_int4", "unpack_int4",
     "FakeQuantEmbedding", "FakeQuantLinear", "QuantReport", "prepare_for_inference_", "prepare_qat_", "quantize_",
-    "set_fake_quant_", "initialize_learned_scales_", "reset_learned_scales_", "LEARNED_SCALE_NAME", "skip_reason", "weight_memory_bytes", "GROUP_SIZES", "SCHEMES", "QuantScheme", "KERNELS",
+    "set_fake_quant_", "initialize_learned_scales_", "calibrate_learned_scales_", "mse_scales", "SCALE_INITS", "reset_learned_scales_", "LEARNED_SCALE_NAME", "skip_reason", "weight_memory_bytes", "GROUP_SIZES", "SCHEMES", "QuantScheme", "KERNELS",
     "QuantizedTensor", "choose_kernel",
 ]

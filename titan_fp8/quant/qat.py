@@ -7,7 +7,7 @@ Which modules: every `nn.Linear` and `nn.Embedding` whose fully qualified name c
 Skipped modules are logged with the reason, never silently.
 
 Fake quantisation (`FakeQuantLinear`, `FakeQuantEmbedding`) keeps the parameter names of the module it
-replaces (`weight`, `bias`), so state_dict keys and checkpoints are unchanged; it adds no buffers.
+replaces (`weight`, `bias`), so state_dict keys and checkpoints are unchanged; it adds no saved buffers.
 
     forward(x) = F.linear(fake_quantize(x, scheme.activation), fake_quantize(weight, scheme.weight), bias)
 
@@ -18,8 +18,11 @@ output through titan_fp8.loss's fused head + loss instead of the logits.
 Range learning (`range_learning=True`, symmetric integer weights: 8da4w, int8_weight_only) adds one
 trainable parameter per module, `weight_scale` (rows x groups, fp32): the weight's quantisation scales,
 trained with the LSQ gradient instead of recomputed from the weight's range every step. It starts at
-zero = "not initialised"; `initialize_learned_scales_` sets it to the range-based scales (amax / 7.5 for
-int4) when fake quantisation first switches on, so QAT starts exactly where plain QAT does. Convert
+zero = "not initialised"; `initialize_learned_scales_` sets it when fake quantisation first switches on:
+to the range-based scales (amax / 7.5 for int4; QAT then starts exactly where plain QAT does), or to the
+clipped scales with the least squared error of the weights ("mse") or of the layer's output
+("activation_mse": weighted by the inputs' per-feature mean squares, which `calibrate_learned_scales_`
+collects over one forward of the float model into a Linear's unsaved `input_sq_sum` buffer). Convert
 stores the learned scales in the QuantizedTensor.
 """
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -44,6 +47,8 @@ __all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "QuantReport", "skip_reason"
            "weight_memory_bytes", "LEARNED_SCALE_NAME"]
 
 LEARNED_SCALE_NAME = "weight_scale"  # the range-learning parameter of a fake-quantised module
+INPUT_SQ_NAME = "input_sq_sum"  # a range-learning Linear's calibration statistics (buffer, not saved)
+SCALE_INITS = ("range", "mse", "activation_mse")  # how learned scales start (initialize_learned_scales_)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +103,11 @@ def _register_learned_scale(module: nn.Module, weight: torch.Tensor, scheme: Qua
     # Zero = not initialised yet (initialize_learned_scales_); on the meta device while the model is.
     scale = torch.zeros(rows, fmt.groups(k), dtype=torch.float32, device=weight.device)
     module.register_parameter(LEARNED_SCALE_NAME, nn.Parameter(scale))
+    if isinstance(module, nn.Linear):
+        # Sum over calibration tokens of each input feature's square (calibrate_learned_scales_); not saved:
+        # it is read once, when the scales start.
+        module.register_buffer(INPUT_SQ_NAME, torch.zeros(k, dtype=torch.float32, device=weight.device),
+                               persistent=False)
 
 
 def _fake_quantize_weight(module: nn.Module, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -118,8 +128,10 @@ class FakeQuantLinear(nn.Linear):
         else:
             self.bias = bias
         self.scheme = scheme
+        self.register_buffer(INPUT_SQ_NAME, None, persistent=False)
         _register_learned_scale(self, weight, scheme, range_learning)
         self.fake_quant_enabled = True  # a plain attribute: not in the state dict
+        self.calibrating = False  # calibrate_learned_scales_: accumulate input statistics in this forward
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, *, range_learning: bool = False) -> "FakeQuantLinear":
@@ -133,6 +145,8 @@ class FakeQuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.weight
+        if self.calibrating:
+            self.input_sq_sum.add_(x.detach().float().square().reshape(-1, x.shape[-1]).sum(0))
         if self.fake_quant_enabled:
             act = self.scheme.activation
             if act is not None:
@@ -238,31 +252,110 @@ def _learned_scales(model: nn.Module):
 
 @torch.no_grad()
 def reset_learned_scales_(model: nn.Module) -> None:
-    """Zero every learned scale (= not initialised): after materialising a model, whose memory is garbage."""
-    for _, scale in _learned_scales(model):
+    """Zero every learned scale (= not initialised) and its calibration statistics: after materialising a
+    model, whose memory is garbage."""
+    for m, scale in _learned_scales(model):
         _local(scale).zero_()
+        if getattr(m, INPUT_SQ_NAME, None) is not None:
+            getattr(m, INPUT_SQ_NAME).zero_()
+
+
+def _uninitialised(scale: torch.Tensor) -> bool:
+    local = _local(scale)
+    return not local.numel() or bool((local == 0).all())
+
+
+def count_uninitialised_learned_scales(model: nn.Module) -> int:
+    return sum(_uninitialised(scale) for _, scale in _learned_scales(model))
+
+
+# Clipping ratios the MSE searches try: scale = ratio * amax / half_range, ratio in [0.4, 1] in steps of 0.015.
+_CLIP_RATIOS = tuple(0.4 + 0.015 * i for i in range(41))
+
+
+def mse_scales(weight: torch.Tensor, fmt, col_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per group of `weight` (rows, K), the clipped scale (as stored) with the least squared quantisation error,
+    each input column's error weighted by `col_weight` (K,) when given: with the inputs' mean squares that is
+    the diagonal of the layer's output error (activation-aware), without it the error of the weights.
+
+    Symmetric integer formats. A weight group's amax / half_range (the range-based scale) is ratio 1.0, so the
+    result is never worse than the range-based scale on this measure."""
+    wg = fmt._grouped(weight.detach().float())  # (rows, G, group)
+    cw = 1.0 if col_weight is None else fmt._grouped(col_weight.detach().float().reshape(1, -1))  # (1, G, group)
+    amax = wg.abs().amax(dim=-1)
+    half_range = (fmt.qmax - fmt.qmin) / 2
+    best_err = torch.full_like(amax, float("inf"))
+    best = fmt.stored_scale(amax / half_range).float()
+    for ratio in (1.0,) + _CLIP_RATIOS[:-1]:  # 1.0 first: ties keep the range-based scale
+        s = fmt.stored_scale(amax * ratio / half_range).float()
+        q = torch.clamp(torch.round(wg / s.unsqueeze(-1)), fmt.qmin, fmt.qmax)
+        err = (((q * s.unsqueeze(-1) - wg) ** 2) * cw).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
 
 
 @torch.no_grad()
-def initialize_learned_scales_(model: nn.Module) -> int:
-    """Set every learned scale that is still all zero to its weight's range-based scales; returns how many.
+def initialize_learned_scales_(model: nn.Module, method: str = "range") -> int:
+    """Set every learned scale that is still all zero; returns how many.
+
+    method: "range" — the weight group's range (amax / 7.5 for int4: where plain QAT starts); "mse" — the
+    clipped scale with the least squared weight error (`mse_scales`); "activation_mse" — the same error weighted
+    per input feature by the inputs' mean squares that `calibrate_learned_scales_` collected (a Linear without
+    statistics, and every embedding, falls back to "mse").
 
     Works shard by shard under FSDP: a weight (rows, K) and its scale (rows, groups) are sharded on the
-    same rows, so each rank initialises its own rows with no communication. Scales loaded from a
-    checkpoint (non-zero) are kept.
+    same rows, so each rank initialises its own rows with no communication (the calibration statistics are
+    summed over ranks before). Scales loaded from a checkpoint (non-zero) are kept.
     """
+    if method not in SCALE_INITS:
+        raise ValueError(f"learned scale init: expected one of {', '.join(SCALE_INITS)}, got {method!r}")
     n = 0
     for m, scale in _learned_scales(model):
         local_scale, local_weight = _local(scale), _local(m.weight)
-        if local_scale.numel() and not bool((local_scale == 0).all()):
+        if not _uninitialised(scale):
             continue
         if local_scale.shape[0] != local_weight.shape[0]:
             raise RuntimeError(f"learned scale shard has {local_scale.shape[0]} rows, its weight shard "
                                f"{local_weight.shape[0]}: they must be sharded alike")
         if local_weight.numel():
-            local_scale.copy_(m.scheme.weight.choose_qparams(local_weight)[0].float())
+            fmt = m.scheme.weight
+            if method == "range":
+                local_scale.copy_(fmt.choose_qparams(local_weight)[0].float())
+            else:
+                stats = getattr(m, INPUT_SQ_NAME, None) if method == "activation_mse" else None
+                has_stats = stats is not None and bool((stats > 0).any())
+                local_scale.copy_(mse_scales(local_weight, fmt, stats if has_stats else None))
         n += 1
     return n
+
+
+@torch.no_grad()
+def calibrate_learned_scales_(model: nn.Module, run_forward: Callable[[], object], process_group=None) -> int:
+    """Collect the inputs' per-feature mean squares of every fake-quantised Linear whose learned scale is still
+    uninitialised, over one `run_forward()` (fake quantisation should be off: the statistics of the float
+    model), summed over `process_group` when torch.distributed runs; returns how many Linears were calibrated.
+    Then `initialize_learned_scales_(model, "activation_mse")` uses them."""
+    modules = [m for m, scale in _learned_scales(model)
+               if isinstance(m, FakeQuantLinear) and _uninitialised(scale)]
+    if not modules:
+        return 0
+    for m in modules:
+        getattr(m, INPUT_SQ_NAME).zero_()
+        m.calibrating = True
+    try:
+        run_forward()
+    finally:
+        for m in modules:
+            m.calibrating = False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        stats = [getattr(m, INPUT_SQ_NAME) for m in modules]
+        flat = torch.cat(stats)
+        torch.distributed.all_reduce(flat, group=process_group)
+        for t, part in zip(stats, flat.split([t.numel() for t in stats])):
+            t.copy_(part)
+    return len(modules)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
