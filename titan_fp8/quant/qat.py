@@ -285,7 +285,7 @@ def mse_scales(weight: torch.Tensor, fmt, col_weight: Optional[torch.Tensor] = N
     amax = wg.abs().amax(dim=-1)
     half_range = (fmt.qmax - fmt.qmin) / 2
     best_err = torch.full_like(amax, float("inf"))
-    best = fmt.stored_scale(amax / half_range).float()
+    best = torch.empty_like(amax)  # every group takes ratio 1.0's scale in the first pass
     for ratio in (1.0,) + _CLIP_RATIOS[:-1]:  # 1.0 first: ties keep the range-based scale
         s = fmt.stored_scale(amax * ratio / half_range).float()
         q = torch.clamp(torch.round(wg / s.unsqueeze(-1)), fmt.qmin, fmt.qmax)
