@@ -18,6 +18,10 @@ On one GPU, the "small" flavor (76M parameters in the blocks; scripts/device_qat
 
     python scripts/qat_experiment.py --config configs/llama3_small.toml --steps 1100 --qat_start 900 \
         --group_size 256 --device cuda
+
+--dataset / --dataset_path / --seed apply to both training runs and (dataset) the held-out split, e.g. another
+machine's stdlib carried as jsonl (scripts/export_corpus.py) so that a GPU image with a different Python trains
+on the same documents: --dataset jsonl --dataset_path stdlib311.jsonl --seed 2.
 """
 
 from __future__ import annotations
@@ -78,11 +82,26 @@ def main(argv=None) -> int:
     p.add_argument("--scheme", default=QAT_SCHEME)
     p.add_argument("--group_size", type=int, default=32)
     p.add_argument("--reuse", action="store_true", help="reuse finished training runs in --workdir")
+    p.add_argument("--dataset", default=None,
+                   help="training.dataset for both runs and the held-out split (default: the config's)")
+    p.add_argument("--dataset_path", default=None, help="training.dataset_path, with --dataset")
+    p.add_argument("--seed", type=int, default=None, help="training.seed of both runs (default: the config's)")
     p.add_argument("--qat_args", default="",
                    help="more trainer flags for the QAT run, e.g. \"--qat.range_learning --qat.scale_init activation_mse\"")
     a = p.parse_args(argv)
+    if a.dataset_path and not a.dataset:
+        p.error("--dataset_path needs --dataset (text, jsonl, parquet or hf)")
     start = a.qat_start or a.steps // 2
     os.makedirs(a.workdir, exist_ok=True)
+    from titan_fp8.config import load_config
+
+    training = load_config(["--config", a.config]).training
+    dataset = a.dataset or training.dataset
+    dataset_path = a.dataset_path if a.dataset else training.dataset_path
+    # Both runs read the same data with the same seed; the QAT run resumes the baseline's data position.
+    data_args = ["--training.dataset", dataset] + (["--training.dataset_path", dataset_path] if dataset_path else [])
+    if a.seed is not None:
+        data_args += ["--training.seed", str(a.seed)]
 
     import export as export_script
     import generate as generate_script
@@ -95,7 +114,7 @@ def main(argv=None) -> int:
     if not (a.reuse and os.path.isdir(os.path.join(base_ckpt, f"step-{a.steps}"))):
         shutil.rmtree(os.path.join(a.workdir, "baseline"), ignore_errors=True)
         timings["baseline_train_s"] = train(a.workdir, "baseline", a.config, a.steps,
-                                            ["--checkpoint.interval", str(start)])
+                                            ["--checkpoint.interval", str(start), *data_args])
     qat_ckpt = os.path.join(a.workdir, "qat", "checkpoint")
     if not (a.reuse and os.path.isdir(os.path.join(qat_ckpt, f"step-{a.steps}"))):
         shutil.rmtree(os.path.join(a.workdir, "qat"), ignore_errors=True)
@@ -104,10 +123,10 @@ def main(argv=None) -> int:
         timings["qat_train_s"] = train(a.workdir, "qat", a.config, a.steps, [
             "--checkpoint.interval", str(a.steps), "--qat.enable", "--qat.scheme", a.scheme,
             "--qat.group_size", str(a.group_size), "--qat.start_step", str(start + 1), "--qat.filter_fqns", "",
-            *a.qat_args.split()])
+            *data_args, *a.qat_args.split()])
 
     tok = build_tokenizer(None, vocab_size=4096)
-    batches = list(build_dataloader(dataset="stdlib", dataset_path=None, tokenizer=tok, seq_len=256,
+    batches = list(build_dataloader(dataset=dataset, dataset_path=dataset_path, tokenizer=tok, seq_len=256,
                                     local_batch_size=8, split="validation", infinite=False))
     n_tokens = sum(y.numel() for _, y in batches)
     rows = []
@@ -153,7 +172,7 @@ def main(argv=None) -> int:
     rec_ppl = (ptq["ppl"] - qat["ppl"]) / (ptq["ppl"] - base["ppl"])
     result = {"steps": a.steps, "qat_start": start, "scheme": a.scheme, "group_size": a.group_size,
               "heldout_tokens": n_tokens, "rows": rows, "recovery_loss": rec_loss, "recovery_ppl": rec_ppl,
-              "config": os.path.relpath(a.config, REPO), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "config": os.path.relpath(a.config, REPO), "dataset": dataset, "seed": a.seed, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **timings}
     with open(os.path.join(a.workdir, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -209,6 +209,35 @@ def test_jsonl_file_and_directory(tmp_path):
     assert list(iter_documents("jsonl", str(tmp_path), start=1)) == ["two", "three"]
 
 
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.xz"])
+def test_export_corpus_keeps_every_document_and_its_index(tmp_path, suffix):
+    # scripts/export_corpus.py carries a corpus (e.g. one Python's stdlib) to another machine as jsonl: the
+    # documents, their order and so the validation split must survive, blank and non-ASCII ones included.
+    import lzma
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = ["first", "   \n", "ünïcode \u2603 \"quoted\"\n\nparagraphs", "", "last\r\nline"]
+    for i, doc in enumerate(docs):
+        (src / f"{i:03d}.txt").write_bytes(doc.encode("utf-8"))
+    out = tmp_path / f"corpus{suffix}"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "export_corpus.py"
+    r = subprocess.run([sys.executable, str(script), "--dataset", "text", "--dataset_path", str(src), "--output", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("5 documents")
+    if suffix.endswith(".xz"):  # the reader takes plain .jsonl: decompress as the device script does
+        plain = tmp_path / "corpus.jsonl"
+        plain.write_bytes(lzma.decompress(out.read_bytes()))
+        out = plain
+    assert list(iter_documents("jsonl", str(out))) == list(iter_documents("text", str(src))) == docs
+    r = subprocess.run([sys.executable, str(script), "--dataset", "text", "--dataset_path", str(tmp_path / "nope"),
+                        "--output", str(tmp_path / "x.jsonl")], capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
+
 def test_parquet_reader(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
