@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 5 on the `small` flavor over a corpus it does not memorise, several seeds at once on one GPU
-# (docs/qat.md, "Three seeds on a corpus the small flavor does not memorise").
+# (docs/qat.md, "Several seeds on a corpus the small flavor does not memorise").
 #
 # CORPUS is a jsonl(.xz) file made on a machine whose stdlib is the corpus wanted (this repo's CPU machines:
 # Python 3.11, 9.7M training tokens; the GPU image's 3.12 has 3.2M):
