@@ -32,19 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
 
 # The config's batch shape and schedule, for qat_compare's data and learning rates.
-read -r SEQ BATCH LR_MID LR_END < <(python - "$CONFIG" "$STEPS" "$QAT_START" <<'PY'
-import sys
-from titan_fp8.config import load_config
-from titan_fp8.optim import lr_factor
-cfg = load_config(["--config", sys.argv[1]])
-steps, start = int(sys.argv[2]), int(sys.argv[3])
-s = cfg.lr_scheduler
-lr = lambda i: cfg.optimizer.lr * lr_factor(i, warmup_steps=s.warmup_steps, total_steps=steps, decay_type=s.decay_type,
-                                            decay_ratio=s.decay_ratio, min_lr_factor=s.min_lr_factor)
-# trainer step i+1 runs at lr(i): the QAT arm's steps start+1..steps run at lr(start)..lr(steps-1)
-print(cfg.training.seq_len, cfg.training.local_batch_size, lr(start), lr(steps - 1))
-PY
-)
+read -r SEQ BATCH LR_MID LR_END < <(python scripts/qat_schedule.py "$CONFIG" "$STEPS" "$QAT_START")
 echo "seq $SEQ batch $BATCH; mid-run lr $LR_MID -> $LR_END"
 python - "$SEQ" "$BATCH" <<'PY'
 import sys

@@ -31,20 +31,8 @@ shutil.copyfileobj((lzma.open if src.endswith('.xz') else open)(src, 'rb'), open
 # One tokenizer build before the parallel runs (they would otherwise all train it at once).
 python -c "from titan_fp8.data import build_tokenizer; build_tokenizer(None, vocab_size=4096)" || exit 1
 DATA_ARGS="--dataset jsonl --dataset_path $DATA"
-# The config's sequence length and its schedule's lr at steps QAT_START and STEPS-1 (trainer step i+1 runs at
-# lr(i)), for qat_compare's batches and learning rates.
-read -r SEQ LR_MID LR_END < <(python - "$CONFIG" "$STEPS" "$QAT_START" <<'PY'
-import sys
-from titan_fp8.config import load_config
-from titan_fp8.optim import lr_factor
-cfg = load_config(["--config", sys.argv[1]])
-steps, start = int(sys.argv[2]), int(sys.argv[3])
-s = cfg.lr_scheduler
-lr = lambda i: cfg.optimizer.lr * lr_factor(i, warmup_steps=s.warmup_steps, total_steps=steps, decay_type=s.decay_type,
-                                            decay_ratio=s.decay_ratio, min_lr_factor=s.min_lr_factor)
-print(cfg.training.seq_len, lr(start), lr(steps - 1))
-PY
-)
+# The config's sequence length and its schedule's lr over the QAT phase, for qat_compare's batches and lrs.
+read -r SEQ _BATCH LR_MID LR_END < <(python scripts/qat_schedule.py "$CONFIG" "$STEPS" "$QAT_START")
 [ -n "${LR_END:-}" ] || { echo "could not read the schedule of $CONFIG" >&2; exit 1; }
 
 trainer_seed() {

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     rec_ppl = (ptq["ppl"] - qat["ppl"]) / (ptq["ppl"] - base["ppl"])
     result = {"steps": a.steps, "qat_start": start, "scheme": a.scheme, "group_size": a.group_size,
               "heldout_tokens": n_tokens, "rows": rows, "recovery_loss": rec_loss, "recovery_ppl": rec_ppl,
-              "config": os.path.relpath(a.config, REPO), "dataset": dataset, "seed": a.seed, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "config": os.path.relpath(a.config, REPO), "dataset": dataset, "seed": a.seed,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **timings}
     with open(os.path.join(a.workdir, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -209,7 +209,6 @@ def test_jsonl_file_and_directory(tmp_path):
     assert list(iter_documents("jsonl", str(tmp_path), start=1)) == ["two", "three"]
 
 
-
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.xz"])
 def test_export_corpus_keeps_every_document_and_its_index(tmp_path, suffix):
     # scripts/export_corpus.py carries a corpus (e.g. one Python's stdlib) to another machine as jsonl: the
@@ -237,6 +236,7 @@ def test_export_corpus_keeps_every_document_and_its_index(tmp_path, suffix):
     r = subprocess.run([sys.executable, str(script), "--dataset", "text", "--dataset_path", str(tmp_path / "nope"),
                         "--output", str(tmp_path / "x.jsonl")], capture_output=True, text=True)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
+
 
 def test_parquet_reader(tmp_path):
     pa = pytest.importorskip("pyarrow")
