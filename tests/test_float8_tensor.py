@@ -40,6 +40,20 @@ def test_tensor_amax_is_the_exact_max_abs_whatever_the_layout(shape):
         assert torch.isnan(amax) if expect_nan else torch.isinf(amax)
 
 
+@pytest.mark.parametrize("rows", [16384, 8193, 70001])  # folded in 2 chunks, 2 ragged, 8 (then split)
+def test_compiled_tensor_amax_folds_many_row_maxima_exactly(rows):
+    # Compiled, more than 8192 row maxima are folded into <= 8 zero-padded chunks before the final max (one
+    # reduction kernel instead of a split one). The result must still be the exact max|x|, and NaN must win.
+    amax_compiled = torch.compile(tensor_amax, fullgraph=True, dynamic=False)
+    x = torch.randn(rows, 4, dtype=torch.bfloat16) * 3
+    x[rows - 1, 2] = -40.0  # in the last (padded) chunk
+    assert amax_compiled(x).item() == 40.0
+    x[rows // 2, 0] = 50.0
+    assert amax_compiled(x).item() == 50.0
+    x[1, 1] = float("nan")
+    assert torch.isnan(amax_compiled(x))
+
+
 def test_metadata_and_dtype():
     x = torch.randn(32, 16, dtype=torch.bfloat16)
     f8 = tensorwise(x, mm_config=MMConfig(emulate=True, use_fast_accum=True))
