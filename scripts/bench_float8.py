@@ -391,7 +391,7 @@ def linear_gemms_ms(m: int, k: int, n: int, fp8: bool) -> float:
 
 
 def bench_linear(m: int, variants: list[Variant], with_ao: bool, budget: Budget, profile: bool,
-                 iters: int, partial: Optional[dict] = None) -> dict:
+                 iters: int, rounds: int = 1, partial: Optional[dict] = None) -> dict:
     measured = []
     for v in variants:
         base = parse_variant(v.base_name)
@@ -405,35 +405,52 @@ def bench_linear(m: int, variants: list[Variant], with_ao: bool, budget: Budget,
         torch.manual_seed(0)
         return nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
 
-    for v in measured:  # variants outer: a budget cut drops the least important variants, not shapes
-        for k, n in LINEAR_SHAPES:
-            key = f"{k}x{n}"
-            if budget.left() < 0:
-                results[key][v.name] = {"skipped": "time budget"}
-                continue
-            if v.kind == "torchao" and not with_ao:
-                results[key][v.name] = {"skipped": "torchao not importable"}
-                continue
-            t0 = time.time()
-            try:
-                # The kernel breakdown at the first (most informative) shape only: the profiler costs ~1 s.
-                prof = profile and (k, n) == LINEAR_SHAPES[0]
-                results[key][v.name] = _one_linear(v, m, k, n, fresh, refs, prof, iters)
-            except Exception as e:
-                results[key][v.name] = {"error": f"{type(e).__name__}: {e}"[:400]}
-                traceback.print_exc()
-            finally:
-                torch._dynamo.reset()
-                reset_memory()
-            r = results[key][v.name]
-            r["wall_s"] = time.time() - t0
-            bf = results[key].get("bf16", {}).get("ms")
-            msg = (f"{r['ms']:.3f} ms" + (f" ({bf / r['ms']:.2f}x)" if bf else "") +
-                   f", {r['gib']:.2f} GiB, sqnr out/gx/gw {r.get('sqnr', '')}" if "ms" in r else str(r))
-            print(f"[{budget.elapsed():5.0f}s] {key} {v.name}: {msg} ({r['wall_s']:.0f}s) "
-                  f"{fmt_breakdown(r.get('profile'))}", flush=True)
-            print_top_kernels(r.get("profile"))
-            dump_partial()
+    # Rounds as in e2e: every (variant, shape) once per round, the variants' order reversed on odd rounds so that
+    # a drift of the card does not favour whichever runs first; ms = the median over the rounds. Round 1 alone
+    # checks numerics (bf16 first, the reference) and profiles.
+    for rnd in range(rounds):
+        for v in (measured if rnd % 2 == 0 else measured[::-1]):  # variants outer: a budget cut drops variants
+            for k, n in LINEAR_SHAPES:
+                key = f"{k}x{n}"
+                prev = results[key].get(v.name)
+                if prev is not None and "ms" not in prev:
+                    continue  # skipped or failed in an earlier round
+                if budget.left() < 0:
+                    if prev is None:
+                        results[key][v.name] = {"skipped": "time budget"}
+                    continue
+                if v.kind == "torchao" and not with_ao:
+                    results[key][v.name] = {"skipped": "torchao not importable"}
+                    continue
+                t0 = time.time()
+                try:
+                    # The kernel breakdown at the first (most informative) shape only: the profiler costs ~1 s.
+                    prof = profile and rnd == 0 and (k, n) == LINEAR_SHAPES[0]
+                    r = _one_linear(v, m, k, n, fresh, refs, prof, iters, numerics=rnd == 0)
+                except Exception as e:
+                    r = {"error": f"{type(e).__name__}: {e}"[:400]}
+                    traceback.print_exc()
+                finally:
+                    torch._dynamo.reset()
+                    reset_memory()
+                r["wall_s"] = time.time() - t0
+                if "ms" in r and prev is None:
+                    r["ms_rounds"] = [r["ms"]]
+                elif "ms" in r:  # a later round: its time joins the list, the peak is the largest seen
+                    prev["ms_rounds"].append(r["ms"])
+                    prev["ms"] = statistics.median(prev["ms_rounds"])
+                    prev["gib"] = max(prev["gib"], r["gib"])
+                    r = prev
+                results[key][v.name] = r
+                bf = results[key].get("bf16", {}).get("ms")
+                msg = (f"{r['ms_rounds'][-1]:.3f} ms" + (f" ({bf / r['ms_rounds'][-1]:.2f}x)" if bf and v.name != "bf16" else "") +
+                       f", {r['gib']:.2f} GiB, sqnr out/gx/gw {r.get('sqnr', '')}" if "ms" in r else str(r))
+                print(f"[{budget.elapsed():5.0f}s] {key} {v.name}" + (f" round {rnd + 1}" if rounds > 1 else "")
+                      + f": {msg} ({r['wall_s']:.0f}s) " + (fmt_breakdown(r.get("profile")) if rnd == 0 else ""),
+                      flush=True)
+                if rnd == 0:
+                    print_top_kernels(r.get("profile"))
+                dump_partial()
 
     # +filter variants: bf16's result where the filter keeps the shape in bf16, else the base variant's.
     for v in variants:
@@ -446,17 +463,20 @@ def bench_linear(m: int, variants: list[Variant], with_ao: bool, budget: Budget,
             src = results[key].get("bf16" if keep_bf16 else v.base_name, {"skipped": "not measured"})
             results[key][v.name] = {**src, "filtered_to_bf16": keep_bf16}
     for key, row in results.items():
-        bf = row.get("bf16", {}).get("ms")
+        bf = row.get("bf16", {})
         for name, r in row.items():
-            if bf and "ms" in r:
-                r["speedup"] = bf / r["ms"]
-            ao = row.get(f"torchao_{parse_variant(name).recipe}", {}).get("ms") if name != "bf16" else None
-            if ao and "ms" in r and not name.startswith("torchao_"):
-                r["vs_torchao"] = ao / r["ms"]
+            if "ms" in bf and "ms" in r:
+                r["speedup"] = bf["ms"] / r["ms"]
+            ao = row.get(f"torchao_{parse_variant(name).recipe}", {}) if name != "bf16" else {}
+            if "ms" in ao and "ms" in r and not name.startswith("torchao_"):
+                r["vs_torchao"] = ao["ms"] / r["ms"]
+                # per round: torchao's time over ours in the same round (its spread is the run's own noise)
+                r["vs_torchao_rounds"] = [a / x for a, x in zip(ao["ms_rounds"], r["ms_rounds"])]
     return results
 
 
-def _one_linear(v: Variant, m: int, k: int, n: int, fresh, refs: dict, profile: bool, iters: int) -> dict:
+def _one_linear(v: Variant, m: int, k: int, n: int, fresh, refs: dict, profile: bool, iters: int,
+                numerics: bool = True) -> dict:
     torch.manual_seed(1)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
     grad = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
@@ -487,6 +507,8 @@ def _one_linear(v: Variant, m: int, k: int, n: int, fresh, refs: dict, profile: 
     ms = bench_ms(step, warmup=3, iters=iters)
     res = {"ms": ms, "gib": peak_gib(), "compile_s": compile_s}
 
+    if not numerics:
+        return res
     # Numerics of one fresh fwd+bwd against bf16 (same weights, inputs and gradient).
     x.grad = None
     for p in module.parameters():
@@ -687,6 +709,20 @@ def print_linear_table(results: dict, variants: list[Variant], m: int) -> None:
                 c += f" [{r['vs_torchao']:.2f}]"
             cells.append(c)
         print(f"{v.name:<34}" + "".join(f"{c:>17}" for c in cells))
+    rounds = max((len(r.get("ms_rounds", [])) for row in results.values() for r in row.values()), default=1)
+    if rounds <= 1:
+        return
+    print(f"median of {rounds} rounds (order alternating)")
+    lines = []
+    for v in variants:
+        cells = []
+        for k in keys:
+            per_round = results[k].get(v.name, {}).get("vs_torchao_rounds")
+            cells.append(f"{min(per_round):.3f}-{max(per_round):.3f}" if per_round else "")
+        if any(cells):
+            lines.append(f"{v.name:<34}" + "".join(f"{c:>17}" for c in cells))
+    if lines:
+        print("per-round range of [ours/torchao]:\n" + "\n".join(lines))
 
 
 def print_e2e_table(results: dict, variants: list[Variant]) -> None:
@@ -740,7 +776,8 @@ def main() -> int:
     p.add_argument("--grad_accum", type=int, default=1, help="e2e: micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=8, help="e2e: timed steps")
     p.add_argument("--rounds", type=int, default=1,
-                   help="e2e: measure every variant this many times, alternating the order (ms/step = the median)")
+                   help="measure every variant (linear: every variant and shape) this many times, alternating the "
+                        "order (ms = the median)")
     p.add_argument("--loss", choices=("fused", "compiled", "eager"), default="fused",
                    help="e2e: the fp32 cross-entropy fused into the output head (the trainer's default: the logits' "
                         "gradient overwrites them), compiled after a separate head (logits and their gradient both "
@@ -822,7 +859,8 @@ def main() -> int:
     _DUMP = write_json
     if a.mode == "linear":
         out["linear"] = {}
-        out["linear"] = bench_linear(a.m, variants, with_ao, budget, a.profile, a.iters, partial=out["linear"])
+        out["linear"] = bench_linear(a.m, variants, with_ao, budget, a.profile, a.iters, a.rounds,
+                                     partial=out["linear"])
     else:
         out["e2e"] = {}
         out["e2e"] = bench_e2e(a, variants, with_ao, budget, partial=out["e2e"])

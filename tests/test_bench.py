@@ -36,11 +36,14 @@ def test_e2e_rounds_keep_every_measurement_and_report_the_median(repo_root, tmp_
     assert len(tw["speedup_rounds"]) == 3
 
 
-def test_linear_smoke_runs(repo_root, tmp_path):
-    result = run_bench(repo_root, tmp_path, "linear", "--variants", "bf16,tensorwise")
+def test_linear_smoke_runs_rounds_and_reports_the_median(repo_root, tmp_path):
+    result = run_bench(repo_root, tmp_path, "linear", "--variants", "bf16,tensorwise", "--rounds", "2")
     assert result["mode"] == "linear" and len(result["linear"]) == 5  # the five shapes, scaled down
     for shape in result["linear"].values():
-        assert shape["bf16"]["ms"] > 0 and shape["tensorwise"]["ms"] > 0
+        for name in ("bf16", "tensorwise"):
+            v = shape[name]
+            assert len(v["ms_rounds"]) == 2 and v["ms"] == sum(v["ms_rounds"]) / 2 > 0  # median of two
+        assert shape["tensorwise"]["speedup"] == shape["bf16"]["ms"] / shape["tensorwise"]["ms"]
         assert len(shape["tensorwise"]["sqnr"].split("/")) == 3  # output / grad_input / grad_weight vs bf16, dB
 
 
