@@ -390,6 +390,33 @@ def linear_gemms_ms(m: int, k: int, n: int, fp8: bool) -> float:
 # ---------------------------------------------------------------------------------------------------- (a) per-Linear
 
 
+def _measured(measure: Callable[[], dict]) -> dict:
+    """One measurement: its result, or the error it raised; compile caches and memory reset after it."""
+    t0 = time.time()
+    try:
+        r = measure()
+    except Exception as e:
+        r = {"error": f"{type(e).__name__}: {e}"[:400]}
+        traceback.print_exc()
+    finally:
+        torch._dynamo.reset()
+        reset_memory()
+    r["wall_s"] = time.time() - t0
+    return r
+
+
+def _with_round(prev: Optional[dict], r: dict) -> dict:
+    """Fold a round's successful result into the earlier rounds' (``prev``, None in the first): ms = the median
+    of ``ms_rounds``, the peak the largest seen."""
+    if prev is None:
+        r["ms_rounds"] = [r["ms"]]
+        return r
+    prev["ms_rounds"].append(r["ms"])
+    prev["ms"] = statistics.median(prev["ms_rounds"])
+    prev["gib"] = max(prev["gib"], r["gib"])
+    return prev
+
+
 def bench_linear(m: int, variants: list[Variant], with_ao: bool, budget: Budget, profile: bool,
                  iters: int, rounds: int = 1, partial: Optional[dict] = None) -> dict:
     measured = []
@@ -422,25 +449,11 @@ def bench_linear(m: int, variants: list[Variant], with_ao: bool, budget: Budget,
                 if v.kind == "torchao" and not with_ao:
                     results[key][v.name] = {"skipped": "torchao not importable"}
                     continue
-                t0 = time.time()
-                try:
-                    # The kernel breakdown at the first (most informative) shape only: the profiler costs ~1 s.
-                    prof = profile and rnd == 0 and (k, n) == LINEAR_SHAPES[0]
-                    r = _one_linear(v, m, k, n, fresh, refs, prof, iters, numerics=rnd == 0)
-                except Exception as e:
-                    r = {"error": f"{type(e).__name__}: {e}"[:400]}
-                    traceback.print_exc()
-                finally:
-                    torch._dynamo.reset()
-                    reset_memory()
-                r["wall_s"] = time.time() - t0
-                if "ms" in r and prev is None:
-                    r["ms_rounds"] = [r["ms"]]
-                elif "ms" in r:  # a later round: its time joins the list, the peak is the largest seen
-                    prev["ms_rounds"].append(r["ms"])
-                    prev["ms"] = statistics.median(prev["ms_rounds"])
-                    prev["gib"] = max(prev["gib"], r["gib"])
-                    r = prev
+                # The kernel breakdown at the first (most informative) shape only: the profiler costs ~1 s.
+                prof = profile and rnd == 0 and (k, n) == LINEAR_SHAPES[0]
+                r = _measured(lambda: _one_linear(v, m, k, n, fresh, refs, prof, iters, numerics=rnd == 0))
+                if "ms" in r:
+                    r = _with_round(prev, r)
                 results[key][v.name] = r
                 bf = results[key].get("bf16", {}).get("ms")
                 msg = (f"{r['ms_rounds'][-1]:.3f} ms" + (f" ({bf / r['ms_rounds'][-1]:.2f}x)" if bf and v.name != "bf16" else "") +
@@ -570,28 +583,12 @@ def bench_e2e(a, variants: list[Variant], with_ao: bool, budget: Budget, partial
             if v.kind == "torchao" and not with_ao:
                 results["variants"][v.name] = {"skipped": "torchao not importable"}
                 continue
-            t0 = time.time()
-            try:
-                r = _one_e2e(v, a, tokens, profile=a.profile and rnd == 0)
-            except Exception as e:
-                r = {"error": f"{type(e).__name__}: {e}"[:400]}
-                traceback.print_exc()
-            finally:
-                torch._dynamo.reset()
-                reset_memory()
-            r["wall_s"] = time.time() - t0
+            r = _measured(lambda: _one_e2e(v, a, tokens, profile=a.profile and rnd == 0))
             if "ms" not in r:
                 results["variants"][v.name] = r
                 print(f"[{budget.elapsed():5.0f}s] e2e {v.name}: {r}", flush=True)
                 continue
-            if prev is None:
-                r["ms_rounds"] = [r["ms"]]
-                results["variants"][v.name] = r
-            else:  # a later round: its time joins the list, the peak is the largest seen
-                prev["ms_rounds"].append(r["ms"])
-                prev["ms"] = statistics.median(prev["ms_rounds"])
-                prev["gib"] = max(prev["gib"], r["gib"])
-                r = prev
+            r = results["variants"][v.name] = _with_round(prev, r)
             r["tok_s"] = step_tokens / r["ms"] * 1e3
             print(f"[{budget.elapsed():5.0f}s] e2e {v.name} round {rnd + 1}: {r['ms_rounds'][-1]:.1f} ms/step, "
                   f"{r['gib']:.1f} GiB, compile {r['compile_s']:.0f}s"
