@@ -418,6 +418,38 @@ def test_nonfinite_grad_error_names_step_and_first_parameter(tmp_path, repo_root
     assert max(last_losses(tmp_path)) == 2
 
 
+def count_steps(monkeypatch) -> list:
+    """Record the step of every train_step call (wraps whatever train_step is patched in already)."""
+    seen, inner = [], Trainer.train_step
+
+    def train_step(self, data_iter):
+        seen.append(self.train_state.step)
+        return inner(self, data_iter)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    return seen
+
+
+def test_error_policy_checks_a_step_without_waiting_for_it(tmp_path, repo_root, monkeypatch):
+    # Not a log step: the check of step 3 runs after step 4 was issued, so no step waits for the device.
+    poison_grad_at(monkeypatch, 3)
+    seen = count_steps(monkeypatch)
+    with pytest.raises(NonFiniteError) as e:
+        run_inproc(repo_root, tmp_path, "--training.steps", "8", "--metrics.log_freq", "100")
+    assert str(e.value).startswith(f"step 3: grad norm nan, first non-finite gradient in {POISONED}")
+    assert seen == [1, 2, 3, 4]
+
+
+def test_error_policy_never_checkpoints_a_nonfinite_step(tmp_path, repo_root, monkeypatch):
+    poison_grad_at(monkeypatch, 3)
+    seen = count_steps(monkeypatch)
+    with pytest.raises(NonFiniteError, match=r"^step 3: grad norm nan"):
+        run_inproc(repo_root, tmp_path, "--training.steps", "8", "--metrics.log_freq", "100", *CKPT,
+                   "--checkpoint.interval", "3")
+    assert seen == [1, 2, 3]  # the save at step 3 waits for the check first
+    assert not (tmp_path / "checkpoint").exists() or os.listdir(tmp_path / "checkpoint") == []
+
+
 def test_nonfinite_loss_error_names_the_loss(tmp_path, repo_root, monkeypatch):
     import titan_fp8.loss as loss_mod
 

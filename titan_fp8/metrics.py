@@ -65,8 +65,11 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         gib = 1024 ** 3
         stats = torch.cuda.memory_stats(device)
+        # Allocator retries (a cudaMalloc that failed, the cache freed, then retried) stall the step on a
+        # device-wide sync: a run near the memory limit shows them as slow steps.
         return {"memory_gib": stats.get("active_bytes.all.peak", 0) / gib,
-                "memory_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / gib}
+                "memory_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / gib,
+                "alloc_retries": stats.get("num_alloc_retries", 0)}
     try:
         import resource
 
@@ -116,7 +119,8 @@ def _format(record: dict) -> str:
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val_loss {:.4f}"), ("val_ppl", "val_ppl {:.2f}"),
                      ("grad_norm", "grad_norm {:.3f}"), ("lr", "lr {:.2e}"), ("tps", "tps {:,.0f}"),
                      ("tflops", "tflops {:.2f}"), ("mfu", "mfu {:.2f}%"), ("memory_gib", "mem {:.2f}GiB"),
-                     ("data_time_pct", "data {:.1f}%"), ("skipped_steps", "skipped {:d}")):
+                     ("alloc_retries", "retries {:.0f}"), ("data_time_pct", "data {:.1f}%"),
+                     ("skipped_steps", "skipped {:d}")):
         v = record.get(key)
         if v is not None:
             parts.append(fmt.format(v))

@@ -7,6 +7,7 @@ optimizer -> data -> checkpoints), `Trainer.train` is the loop, `train_step` one
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -19,6 +20,7 @@ import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 
@@ -43,6 +45,27 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under `training.nonfinite_policy = "error"`."""
+
+
+@dataclasses.dataclass
+class _StepHealth:
+    """What a step leaves for its non-finite check: device tensors, read only when the check runs."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    params: list  # the parameters whose gradients the norms below measured, in that order
+    local_norms: torch.Tensor  # each gradient's norm on this rank's shard
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.loss) & torch.isfinite(self.grad_norm))
+
+    def first_nonfinite_parameter(self, model: nn.Module) -> Optional[str]:
+        bad = (~torch.isfinite(self.local_norms)).nonzero()
+        if not len(bad):
+            return None
+        param = self.params[int(bad[0])]
+        return next((name for name, p in model.named_parameters() if p is param), None)
 
 
 @dataclasses.dataclass
@@ -178,6 +201,8 @@ class Trainer:
         self.throughput = ThroughputMeter(flops_per_token, peak)
         self._stop_requested = False
         self._consecutive_skips = 0  # not checkpointed: a resumed run starts a fresh count
+        self._unchecked_steps: collections.deque[_StepHealth] = collections.deque()  # nonfinite_policy "error"
+        self._stop_vote: Optional[torch.Tensor] = None  # the stop flags' all-reduce of the previous step
         self._log_startup(world_size)
 
     # -- construction helpers ----------------------------------------------------------------------------
@@ -323,12 +348,17 @@ class Trainer:
                     converter.pre_step(self.model, step)
                 with self._maybe_profile(step):
                     loss, grad_norm = self.train_step(data_iter)
+                # The GPU is done with the previous step by now, or nearly: reading its health leaves it no idle time.
+                self._check_health(wait_for_this_step=False)
                 if step % self.config.metrics.log_freq == 0 or step == t.steps:
+                    self._check_health(wait_for_this_step=True)  # a non-finite step is never logged as done
                     self._log_step(step, loss, grad_norm)
                 if self.config.validation.enable and (step % self.config.validation.freq == 0 or step == t.steps):
+                    self._check_health(wait_for_this_step=True)
                     self.validate(step)
                 stop = self._preemption_requested()
                 if self.checkpointer is not None and (self.checkpointer.should_save(step, t.steps) or stop):
+                    self._check_health(wait_for_this_step=True)  # never checkpoint weights a nan step wrote
                     self.checkpointer.save(step, self._checkpoint_state())
                 elif self.checkpointer is not None:
                     self.checkpointer.maybe_finalize()  # seal a finished async save early
@@ -336,6 +366,7 @@ class Trainer:
                     logger.warning("stop signal received: %s step %d, exiting",
                                    "checkpointed" if self.checkpointer is not None else "no checkpoint for", step)
                     break
+            self._check_health(wait_for_this_step=True)
             if self.checkpointer is not None:
                 self.checkpointer.close()
                 if self.config.checkpoint.last_save_model_only and self.train_state.step == t.steps:
@@ -374,17 +405,24 @@ class Trainer:
             total_loss += loss.detach()
 
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = self._grad_norm([p.grad for p in params])
-        # The check below waits for the GPU; read the next step's batch first, while the GPU still works.
+        grad_norm, local_norms = self._grad_norm([p.grad for p in params])
+        health = _StepHealth(self.train_state.step, total_loss, grad_norm, params, local_norms)
+        # Read the next step's batch now, while the GPU still runs the backward (skip_step waits for it below).
         fetch_start = time.perf_counter()
         data_iter.fetch_ahead()
         if self.device.type == "cpu":  # no device runs meanwhile: the read is on the step's critical path
             self.throughput.add(0, time.perf_counter() - fetch_start)
-        if not (torch.isfinite(total_loss) and torch.isfinite(grad_norm)):
-            # Checked before clipping: a nan norm would spread nan into every gradient.
-            self._handle_nonfinite(total_loss, grad_norm)
-            return total_loss, grad_norm
-        self._consecutive_skips = 0
+        if self.config.training.nonfinite_policy == "skip_step":
+            # Skipping must be decided before the optimizer steps: this waits for the GPU, every step.
+            if not health.finite():
+                self._handle_nonfinite(health)
+                return total_loss, grad_norm
+            self._consecutive_skips = 0
+        else:
+            # "error" decides nothing before the update, so the check waits until the GPU is done with this
+            # step (_check_health, called from the loop): no per-step sync stalls the GPU. A nan update may
+            # reach the weights in memory meanwhile, never a log record or a checkpoint.
+            self._unchecked_steps.append(health)
         self._clip_grads(params, grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -404,19 +442,33 @@ class Trainer:
                 module.reshard()
 
     @staticmethod
-    def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if hasattr(norm, "full_tensor"):  # DTensor under FSDP
-            norm = norm.full_tensor()
-        return norm
+    def _grad_norm(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global 2-norm of all gradients (as get_total_norm computes it) and each gradient's local-shard
+        norm, kept to name the first non-finite gradient after the step without holding the gradients."""
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if hasattr(total, "full_tensor"):  # DTensor under FSDP: per-shard norms -> the global norm
+            total = total.full_tensor()
+        local = torch.stack([n.to_local() if hasattr(n, "to_local") else n for n in norms])
+        return total, local
+
+    def _check_health(self, wait_for_this_step: bool) -> None:
+        """Raise NonFiniteError for the first unchecked step with a non-finite loss or gradient norm. Without
+        `wait_for_this_step` the current step stays unchecked, so nothing waits for the GPU to finish it."""
+        keep = 0 if wait_for_this_step else 1
+        while len(self._unchecked_steps) > keep:
+            health = self._unchecked_steps.popleft()
+            if not health.finite():
+                self._unchecked_steps.clear()
+                self._handle_nonfinite(health)
 
     def _clip_grads(self, params: list[nn.Parameter], grad_norm: torch.Tensor) -> None:
         """Same arithmetic as clip_grad_norm_, split so that the norm is checked before it scales anything."""
         max_norm = self.config.training.max_norm or float("inf")  # inf: measure the norm, scale by 1
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
 
-    def _handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        step = self.train_state.step
+    def _handle_nonfinite(self, health: "_StepHealth") -> None:
+        step, loss, grad_norm = health.step, health.loss, health.grad_norm
         t = self.config.training
         self._consecutive_skips += 1
         if t.nonfinite_policy == "skip_step" and (t.max_consecutive_skips == 0
@@ -429,9 +481,7 @@ class Trainer:
                            float(loss), float(grad_norm), self.train_state.skipped_steps)
             return
         # Local shards only (no collectives): ranks may stop at different parameters.
-        culprit = next((name for name, p in self.model.named_parameters() if p.grad is not None
-                        and not torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all()),
-                       None)
+        culprit = health.first_nonfinite_parameter(self.model)
         what = f"non-finite loss {float(loss)}" if not torch.isfinite(loss) else f"grad norm {float(grad_norm)}"
         where = f"first non-finite gradient in {culprit}" if culprit else "all gradients finite on this rank"
         if t.nonfinite_policy == "skip_step":
@@ -500,8 +550,17 @@ class Trainer:
         return previous
 
     def _preemption_requested(self) -> bool:
-        # Every rank must agree, or some would enter the checkpoint collective alone.
-        return bool(dist_max(float(self._stop_requested), self.device, self.mesh))
+        """Whether any rank received a stop signal. Every rank must agree, or some would enter the checkpoint
+        collective alone: the flags are all-reduced. Reading that result at once would make the CPU wait for
+        the GPU every step, so each step reads the previous step's vote (all ranks read the same one) and
+        starts the next: a signal stops the run one step later on several ranks."""
+        if self.mesh is None:
+            return self._stop_requested
+        vote = torch.tensor(float(self._stop_requested), device=self.device,
+                            dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        previous, self._stop_vote = self._stop_vote, vote
+        return previous is not None and bool(previous)
 
 
 @contextlib.contextmanager
