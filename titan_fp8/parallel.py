@@ -456,9 +456,14 @@ def dist_mean(value: torch.Tensor, mesh) -> torch.Tensor:
 def dist_max(value: float, device: torch.device, mesh) -> float:
     if mesh is None:
         return value
+    return float(dist_max_on_device(value, device))
+
+
+def dist_max_on_device(value: float, device: torch.device) -> torch.Tensor:
+    """The maximum of `value` over all ranks, as a device tensor: reading it waits for the device."""
     t = torch.tensor(value, device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return t
 
 
 def dist_all(flag: bool, device: torch.device, mesh) -> bool:

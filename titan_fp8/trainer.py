@@ -20,7 +20,6 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 
@@ -33,8 +32,8 @@ from titan_fp8.loss import cross_entropy_loss
 from titan_fp8.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
 from titan_fp8.models import Transformer, llama3_flavors
 from titan_fp8.optim import build_lr_scheduler, build_optimizer
-from titan_fp8.parallel import (ParallelDims, RowStreamLoader, build_mesh, dist_all, dist_max, dist_mean,
-                                dp_process_group, init_distributed, init_weights_like_unsharded,
+from titan_fp8.parallel import (ParallelDims, RowStreamLoader, build_mesh, dist_all, dist_max, dist_max_on_device,
+                                dist_mean, dp_process_group, init_distributed, init_weights_like_unsharded,
                                 parallelize_llama)
 from titan_fp8.quant import LEARNED_SCALE_NAME
 
@@ -467,7 +466,7 @@ class Trainer:
         max_norm = self.config.training.max_norm or float("inf")  # inf: measure the norm, scale by 1
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
 
-    def _handle_nonfinite(self, health: "_StepHealth") -> None:
+    def _handle_nonfinite(self, health: _StepHealth) -> None:
         step, loss, grad_norm = health.step, health.loss, health.grad_norm
         t = self.config.training
         self._consecutive_skips += 1
@@ -556,10 +555,7 @@ class Trainer:
         starts the next: a signal stops the run one step later on several ranks."""
         if self.mesh is None:
             return self._stop_requested
-        vote = torch.tensor(float(self._stop_requested), device=self.device,
-                            dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
-        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-        previous, self._stop_vote = self._stop_vote, vote
+        previous, self._stop_vote = self._stop_vote, dist_max_on_device(float(self._stop_requested), self.device)
         return previous is not None and bool(previous)
 
 
