@@ -74,10 +74,12 @@ class FakeMesh:
 def test_pre_and_post_all_gather_produce_fp8_bytes_and_rebuild_the_weight():
     torch.manual_seed(0)
     layer = Float8Linear.from_float(nn.Linear(32, 48, bias=False), FSDP_TENSORWISE)
-    precompute_float8_dynamic_scale_for_fsdp(layer)  # single process: the scale of the whole weight
+    # Single process: the scale of the whole weight. The shards below are cut from it by hand, so they cast
+    # at the gather (cast=False); the batched cast of real shards is tested further down.
+    precompute_float8_dynamic_scale_for_fsdp(layer, cast=False)
     w = layer.weight
-    scale, param_ref, _ = w._precomputed
-    assert param_ref() is w
+    scale, param_ref, _, data = w._precomputed
+    assert param_ref() is w and data is None
     torch.testing.assert_close(scale, 448.0 / w._tensor.abs().max())
 
     # Rank 0's shard of an uneven 3-way split: 16 rows, rank 2 gets fewer and must be padded.
@@ -112,15 +114,42 @@ def _shards(w, scale):
         yield s
 
 
-def test_precomputed_scale_is_ignored_once_the_weight_changes():
+@pytest.mark.parametrize("cast", [False, True])
+def test_precomputed_scale_is_ignored_once_the_weight_changes(cast):
     layer = Float8Linear.from_float(nn.Linear(32, 48, bias=False), FSDP_TENSORWISE)
-    precompute_float8_dynamic_scale_for_fsdp(layer)
+    precompute_float8_dynamic_scale_for_fsdp(layer, cast=cast)
     mesh = FakeMesh(1)
     layer.weight.fsdp_pre_all_gather(mesh, torch.Size([48, 32]), (32, 1), None, None)  # fresh: no collective
     with torch.no_grad():
         layer.weight.mul_(2.0)  # e.g. an optimizer step without a following precompute
     with pytest.raises(AssertionError, match="no collective expected"):
         layer.weight.fsdp_pre_all_gather(mesh, torch.Size([48, 32]), (32, 1), None, None)
+
+
+def test_precompute_casts_every_shard_once_for_all_gathers_of_the_step():
+    """The batched cast after the optimizer step: each weight's fp8 bytes equal the cast at the gather bit for
+    bit, and the forward's gather and the backward's re-gather both send that one cast (no new cast, no
+    collective) until the weight changes."""
+    torch.manual_seed(0)
+    model = convert_to_float8_training(mlp(), config=FSDP_TENSORWISE)
+    with torch.no_grad():
+        model[2].weight.mul_(30.0)  # two weights with different scales
+    precompute_float8_dynamic_scale_for_fsdp(model)
+    for layer, (n, k) in ((model[0], (64, 32)), (model[2], (32, 64))):
+        w = layer.weight
+        scale, _, _, cached = w._precomputed
+        torch.testing.assert_close(scale, 448.0 / w._tensor.abs().max(), rtol=0, atol=0)
+        expected = saturated_cast(w._tensor, scale, torch.float8_e4m3fn).view(torch.uint8)
+        sent = [w.fsdp_pre_all_gather(FakeMesh(1), torch.Size([n, k]), (k, 1), None, None) for _ in range(2)]
+        for (data,), (sent_scale,) in sent:
+            assert torch.equal(data, expected) and data.data_ptr() == cached.data_ptr() and sent_scale is scale
+    # The same bytes as the cast at the gather (precompute without the batched cast).
+    cached_bytes = [m.weight._precomputed.data.view(torch.uint8).clone() for m in (model[0], model[2])]
+    precompute_float8_dynamic_scale_for_fsdp(model, cast=False)
+    for m, b in zip((model[0], model[2]), cached_bytes):
+        (data,), _ = m.weight.fsdp_pre_all_gather(FakeMesh(1), torch.Size(m.weight.shape), (m.weight.shape[1], 1),
+                                                  None, None)
+        assert torch.equal(data, b)
 
 
 def test_save_float8_for_backward_matches_high_precision_saving():

@@ -46,6 +46,35 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- Triton
 
 
+def cast_many_checks(device: str) -> None:
+    """The batched cast (FSDP's precompute) equals one saturated_cast per tensor, bit for bit: tensors of
+    several sizes (empty, smaller than a block, several blocks, ragged), two source dtypes in one call, each
+    with its own scale; saturation and NaN as the single cast has them."""
+    from titan_fp8.float8.scaling import saturated_cast
+
+    torch.manual_seed(0)
+    shapes = [(3, 5), (0, 16), (64, 96), (1, 1), (2 * kernels._CAST_MANY_BLOCK // 64 + 1, 64), (7, 130)]
+    tensors = [(torch.randn(*sh, device=device) * 40).to(torch.bfloat16 if i % 3 else torch.float32)
+               for i, sh in enumerate(shapes)]
+    tensors[2][0, 0] = float("nan")
+    tensors[4][-1, -1] = 1e4  # saturates after scaling
+    amaxes = torch.stack([t.float().abs().nan_to_num().amax() if t.numel() else torch.tensor(1.0, device=device)
+                          for t in tensors])
+    for dt in (E4M3, E5M2):
+        scales = float(torch.finfo(dt).max) / amaxes * 0.5
+        got = kernels.cast_many_to_float8(tensors, scales, dt)
+        for t, s, g in zip(tensors, scales, got):
+            ref = saturated_cast(t, s, dt)
+            assert g.shape == t.shape and g.dtype == dt and torch.equal(bits(g), bits(ref)), (t.shape, t.dtype, dt)
+        assert got[2].float()[0, 0].isnan()
+    # The device tables are built once per list of tensors and reused.
+    n_tables = len(kernels._cast_many_tables)
+    kernels.cast_many_to_float8(tensors, scales, E4M3)
+    assert len(kernels._cast_many_tables) == n_tables
+    with pytest.raises(ValueError, match="6 tensors but 5 scales"):
+        kernels.cast_many_to_float8(tensors, scales[:5], E4M3)
+
+
 def interpreter_checks() -> None:
     """Run with TRITON_INTERPRET=1 (see the test below)."""
     assert kernels._INTERPRET and kernels.HAVE_TRITON
@@ -97,6 +126,7 @@ def interpreter_checks() -> None:
             outs.append(res)
         for p, q in zip(*outs):
             assert torch.equal(p, q), recipe
+    cast_many_checks("cpu")
     print("interpreter checks passed")
 
 
@@ -136,6 +166,13 @@ def test_triton_kernels_compile_for_h100_with_vector_stores():
                              options={"num_warps": 4}).asm["ptx"]
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
         assert "st.global.v4.b32" in ptx and "st.global.b8" not in ptx
+    sig_many = {"src_ptrs": "*i64", "out_ptr": "*fp8e4nv", "out_offsets": "*i64", "numels": "*i64",
+                "scale_ptr": "*fp32", "block_tensor": "*i32", "block_first": "*i32", "FP8_MAX": "constexpr",
+                "SRC": "constexpr", "BLOCK": "constexpr"}
+    ptx = triton.compile(ASTSource(kernels._cast_many_kernel, sig_many,
+                                   {"FP8_MAX": 448.0, "SRC": triton.language.bfloat16, "BLOCK": 4096}),
+                         target=target, options={"num_warps": 8}).asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     triton.compile(ASTSource(kernels._amax_kernel, {"x_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32",
                                                     "BLOCK": "constexpr"}, {"BLOCK": 4096}), target=target)
     triton.compile(ASTSource(kernels._amax_rows_cols_kernel,
@@ -162,6 +199,7 @@ def test_cuda_triton_kernels_match_torch_reference():
         for p, q in zip(kernels.triton_cast_2d(x, rs, cs, E4M3, True, True, True, False)[:2],
                         kernels.torch_cast_2d(x, rs, cs, E4M3, True, True, True, False)[:2]):
             assert torch.equal(bits(p), bits(q))
+    cast_many_checks("cuda")
 
 
 def test_custom_ops_have_fake_impls_and_pass_opcheck():

@@ -138,6 +138,26 @@ if HAVE_TRITON:
     _cast_2d_tuned = triton.autotune(configs=_AUTOTUNE_2D, key=["M", "K", "ROWWISE", "WRITE_ROW", "WRITE_COL"])(
         _cast_2d_kernel
     )
+    @triton.jit
+    def _cast_many_kernel(
+        src_ptrs, out_ptr, out_offsets, numels, scale_ptr, block_tensor, block_first,
+        FP8_MAX: tl.constexpr, SRC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One BLOCK of one of many tensors: program -> (tensor t, block within t) from two small tables, t's
+        # address from a pointer table (the tensors are separate allocations), t's own tensorwise scale.
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor + pid)
+        n = tl.load(numels + t)
+        src = tl.load(src_ptrs + t).to(tl.pointer_type(SRC))
+        out = out_ptr + tl.load(out_offsets + t)
+        offs = (pid - tl.load(block_first + t)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.load(scale_ptr + t)
+        clamped = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        y = tl.where(y != y, y, clamped)
+        tl.store(out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
     _amax_rows_cols_tuned = triton.autotune(configs=_AUTOTUNE_AMAX_2D, key=["M", "K", "ROWS", "COLS"])(
         _amax_rows_cols_kernel
     )
@@ -207,6 +227,91 @@ def triton_cast_2d(
     if _INTERPRET:
         out, out_t = out.to(float8_dtype), out_t.to(float8_dtype)
     return out, out_t, amax
+
+
+_CAST_MANY_BLOCK = 4096
+# Per list of source tensors (their addresses and sizes, which FSDP keeps fixed for a run): the device tables
+# the kernel reads, built once, so that a step's batched cast is one allocation and one launch.
+_cast_many_tables: dict = {}
+
+
+def _cast_many_table(tensors: list[torch.Tensor]):
+    key = (tensors[0].device, tuple((t.data_ptr(), t.numel()) for t in tensors))
+    table = _cast_many_tables.get(key)
+    if table is None:
+        numels = [t.numel() for t in tensors]
+        blocks = [-(-n // _CAST_MANY_BLOCK) for n in numels]
+        # Each tensor starts 16-element aligned in the flat output (16-byte aligned fp8 views).
+        offsets, total = [], 0
+        for n in numels:
+            offsets.append(total)
+            total += -(-n // 16) * 16
+        first, acc = [], 0
+        for b in blocks:
+            first.append(acc)
+            acc += b
+        as_device = lambda values, dtype: torch.tensor(values, dtype=dtype).to(tensors[0].device)
+        table = (
+            as_device([t.data_ptr() for t in tensors], torch.int64),
+            as_device(offsets, torch.int64),
+            as_device(numels, torch.int64),
+            torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), torch.tensor(blocks)).to(tensors[0].device),
+            as_device(first, torch.int32),
+            offsets,
+            total,
+            acc,
+        )
+        if len(_cast_many_tables) >= 8:  # a new model or a re-sharded one; drop stale tables
+            _cast_many_tables.clear()
+        _cast_many_tables[key] = table
+    return table
+
+
+_TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def triton_cast_many(tensors: list[torch.Tensor], scales: torch.Tensor, float8_dtype: torch.dtype) -> list[torch.Tensor]:
+    """All ``tensors`` (one source dtype, contiguous) cast with ``scales[i]`` in one launch."""
+    src_ptrs, out_offsets, numels, block_tensor, block_first, offsets, total, n_blocks = _cast_many_table(tensors)
+    # The interpreter converts fp32 -> fp8 inexactly: let it write fp32, convert with torch below.
+    flat = torch.empty(total, dtype=torch.float32 if _INTERPRET else float8_dtype, device=tensors[0].device)
+    if n_blocks:
+        _cast_many_kernel[(n_blocks,)](
+            src_ptrs, flat, out_offsets, numels, scales.to(torch.float32).contiguous(), block_tensor, block_first,
+            FP8_MAX=float8_max(float8_dtype), SRC=getattr(tl, _TL_DTYPES[tensors[0].dtype]), BLOCK=_CAST_MANY_BLOCK,
+            num_warps=8,
+        )
+    if _INTERPRET:
+        flat = flat.to(float8_dtype)
+    return [flat[o: o + t.numel()].view(t.shape) for t, o in zip(tensors, offsets)]
+
+
+def cast_many_to_float8(tensors: list[torch.Tensor], scales: torch.Tensor, float8_dtype: torch.dtype) -> list[torch.Tensor]:
+    """``saturated_cast(tensors[i], scales[i])`` for every i: each tensor with its own tensorwise scale (a 1-D
+    ``scales``), the results (same shapes, fp8) views of one flat buffer.
+
+    On CUDA one Triton launch per source dtype instead of four eager kernels per tensor (FSDP2 casts every
+    weight shard before its all-gather: ~450 tensors a step for Llama3-8B); bit-identical to the reference.
+    """
+    if len(tensors) != scales.numel():
+        raise ValueError(f"cast_many_to_float8: {len(tensors)} tensors but {scales.numel()} scales")
+    if not tensors:
+        return []
+    scales = scales.reshape(-1)
+    out: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        fast = _use_triton(t) and t.is_contiguous() and t.dtype in _TL_DTYPES
+        groups.setdefault((t.device, t.dtype) if fast else None, []).append(i)
+    for key, idx in groups.items():
+        if key is None:
+            for i in idx:
+                out[i] = saturated_cast(tensors[i], scales[i], float8_dtype)
+            continue
+        group_scales = scales if len(idx) == len(tensors) else scales[torch.tensor(idx, device=scales.device)]
+        for i, data in zip(idx, triton_cast_many([tensors[i] for i in idx], group_scales, float8_dtype)):
+            out[i] = data
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- torch reference
