@@ -54,7 +54,7 @@ recipe_args() {
         bf16) echo "--float8.no_enable" ;;
         tensorwise) echo "--float8.enable --float8.recipe_name tensorwise --float8.enable_fsdp_float8_all_gather --float8.precompute_float8_dynamic_scale_for_fsdp" ;;
         rowwise) echo "--float8.enable --float8.recipe_name rowwise --float8.no_enable_fsdp_float8_all_gather --float8.no_precompute_float8_dynamic_scale_for_fsdp" ;;
-        delayed) echo "--float8.enable --float8.recipe_name delayed --float8.enable_fsdp_float8_all_gather" ;;
+        delayed) echo "--float8.enable --float8.recipe_name delayed --float8.enable_fsdp_float8_all_gather --float8.precompute_float8_dynamic_scale_for_fsdp" ;;
         *) echo "unknown recipe $1" >&2; return 1 ;;
     esac
 }

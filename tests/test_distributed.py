@@ -43,7 +43,8 @@ RECIPES = {
                     "op"], 2e-5),
     "rowwise": (["--float8.enable", "--float8.recipe_name", "rowwise", "--activation_checkpoint.mode",
                  "selective", "--activation_checkpoint.selective_ac_option", "2"], 2e-5),
-    "delayed": (["--float8.enable", "--float8.recipe_name", "delayed", "--float8.enable_fsdp_float8_all_gather",
+    # FP8_AG's precompute: delayed weights are cast in one batched pass with the scales the amax sync computed.
+    "delayed": (["--float8.enable", "--float8.recipe_name", "delayed", *FP8_AG,
                  "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
                  "op"], 2e-5),
     # QAT with learned scales: each rank initialises its own rows of the sharded scales (no collective).

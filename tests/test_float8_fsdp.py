@@ -78,7 +78,7 @@ def test_pre_and_post_all_gather_produce_fp8_bytes_and_rebuild_the_weight():
     # at the gather (cast=False); the batched cast of real shards is tested further down.
     precompute_float8_dynamic_scale_for_fsdp(layer, cast=False)
     w = layer.weight
-    scale, param_ref, _, data = w._precomputed
+    scale, param_ref, data = w._precomputed.scale, w._precomputed.param_ref, w._precomputed.data
     assert param_ref() is w and data is None
     torch.testing.assert_close(scale, 448.0 / w._tensor.abs().max())
 
@@ -137,7 +137,7 @@ def test_precompute_casts_every_shard_once_for_all_gathers_of_the_step():
     precompute_float8_dynamic_scale_for_fsdp(model)
     for layer, (n, k) in ((model[0], (64, 32)), (model[2], (32, 64))):
         w = layer.weight
-        scale, _, _, cached = w._precomputed
+        scale, cached = w._precomputed.scale, w._precomputed.data
         torch.testing.assert_close(scale, 448.0 / w._tensor.abs().max(), rtol=0, atol=0)
         expected = saturated_cast(w._tensor, scale, torch.float8_e4m3fn).view(torch.uint8)
         sent = [w.fsdp_pre_all_gather(FakeMesh(1), torch.Size([n, k]), (k, 1), None, None) for _ in range(2)]
@@ -165,3 +165,30 @@ def test_save_float8_for_backward_matches_high_precision_saving():
         m(xi).sum().backward()
         m.xgrad = xi.grad
     assert torch.equal(a.weight.grad, b.weight.grad) and torch.equal(a.xgrad, b.xgrad)
+
+
+def test_delayed_precompute_casts_with_the_synced_scale_and_records_the_amax():
+    from titan_fp8.float8 import sync_float8_amax_and_scale_history
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(Float8LinearConfig.from_recipe_name("delayed"), enable_fsdp_float8_all_gather=True)
+    layer = Float8Linear.from_float(nn.Linear(32, 48, bias=False), cfg)
+    layer(torch.randn(8, 32)).sum().backward()
+    sync_float8_amax_and_scale_history(layer)  # the weight now has a history and a delayed scale
+    precompute_float8_dynamic_scale_for_fsdp(layer)
+    w, scale_buffer = layer.weight, layer.float8_scale_weight
+    pre = w._precomputed
+    assert torch.equal(pre.scale, scale_buffer)
+    assert torch.equal(pre.data.view(torch.uint8), saturated_cast(w._tensor, scale_buffer, torch.float8_e4m3fn).view(torch.uint8))
+    # Recorded as the gather would have: the next sync sees this step's weight amax.
+    assert layer.float8_amax_weight == w._tensor.abs().max()
+    (data,), (scale,) = w.fsdp_pre_all_gather(FakeMesh(1), torch.Size([48, 32]), (32, 1), None, None)
+    assert data.data_ptr() == pre.data.data_ptr() and torch.equal(scale, scale_buffer)
+
+    # Another sync (or a load) rewrites the scale buffer in place, the weight unchanged: the cast made with the
+    # old scale is not sent.
+    with torch.no_grad():
+        scale_buffer.mul_(2)
+    (data,), (scale,) = w.fsdp_pre_all_gather(FakeMesh(1), torch.Size([48, 32]), (32, 1), None, None)
+    assert torch.equal(scale, pre.scale * 2)
+    assert torch.equal(data, saturated_cast(w._tensor, pre.scale * 2, torch.float8_e4m3fn).view(torch.uint8))

@@ -151,8 +151,9 @@ class Float8:
     enable_fsdp_float8_all_gather: bool = _opt(False, "all-gather weights in float8 under FSDP2 "
                                                       "(tensorwise/delayed)")
     precompute_float8_dynamic_scale_for_fsdp: bool = _opt(
-        False, "after optimizer.step(), compute all weight scales with one all-reduce and cast every weight "
-               "shard to fp8 in one batched pass for the step's all-gathers (1 byte per local weight element)")
+        False, "after optimizer.step(), compute all weight scales with one all-reduce (delayed: take the synced "
+               "ones) and cast every weight shard to fp8 in one batched pass for the step's all-gathers "
+               "(1 byte per local weight element)")
     amax_history_len: int = _opt(16, "delayed scaling: amax history length")
     margin: int = _opt(0, "delayed scaling: scale margin (scale / 2**margin)")
     amax_compute_algo: str = _opt("max", "delayed scaling: max over history or most_recent",

@@ -63,8 +63,12 @@ class Precomputed(NamedTuple):
 
     scale: torch.Tensor  # the whole weight's scale (0-d fp32), identical on every rank
     param_ref: weakref.ref  # the Parameter the optimizer updates ...
-    version: int  # ... and its _version then: an in-place update since makes both fields below stale
+    version: int  # ... and its _version then: an in-place update since makes the fields below stale
     data: Optional[torch.Tensor]  # the local shard cast with ``scale`` (fp8), or None: cast at the gather
+    # Delayed scaling: the scale buffer ``scale`` was copied from and its _version then (a checkpoint load
+    # since makes the copy stale); None for dynamic scaling.
+    scale_buffer: Optional[torch.Tensor] = None
+    scale_buffer_version: int = 0
 
 
 class WeightWithFloat8AllGather(torch.Tensor):
@@ -174,11 +178,14 @@ class WeightWithFloat8AllGather(torch.Tensor):
     def _valid_precomputed(self) -> Optional[Precomputed]:
         if self._precomputed is None:
             return None
-        param = self._precomputed.param_ref()
-        # In-place updates (optimizer.step) bump the Parameter's version: a stale scale or cast is not used.
-        if param is None or param._version != self._precomputed.version:
+        pre = self._precomputed
+        param = pre.param_ref()
+        # In-place updates (optimizer.step, a load) bump the versions: a stale scale or cast is not used.
+        if param is None or param._version != pre.version:
             return None
-        return self._precomputed
+        if pre.scale_buffer is not None and pre.scale_buffer._version != pre.scale_buffer_version:
+            return None
+        return pre
 
     def _unsharded_scale(self, mesh, precomputed: Optional[Precomputed]) -> torch.Tensor:
         """The scale of the whole weight, identical on every rank."""
@@ -234,43 +241,70 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module, *, cast: bool = True) -> None:
-    """After ``optimizer.step()``: compute the fp8 all-gather scale of every dynamically scaled
-    Float8Linear weight with ONE all-reduce(MAX), so the next all-gathers need no collective.
+    """After ``optimizer.step()`` (and, with delayed scaling, after ``sync_float8_amax_and_scale_history``):
+    fix the fp8 all-gather scale of every Float8Linear weight that FSDP2 gathers in fp8 — dynamic scaling: with
+    ONE all-reduce(MAX) of the shards' amaxes, so the next all-gathers need no collective; delayed scaling:
+    the scale the sync just computed (weights still without a history are left to the gathers).
 
     cast: also cast every local shard to fp8 now, all in one batched pass (one kernel launch per source
     dtype on CUDA), which the step's forward all-gathers and backward re-gathers then send as they are,
     instead of one cast per shard per gather. Costs 1 byte per local weight element until the next call.
+    Delayed scaling records the shards' amaxes here, as those gathers would have.
     """
     from .linear import Float8Linear
 
-    weights = [
-        m.weight
-        for m in model.modules()
-        if isinstance(m, Float8Linear)
-        and isinstance(_local(m.weight), WeightWithFloat8AllGather)
-        and m.config.cast_config_weight.scaling_type is ScalingType.DYNAMIC
-    ]
-    if not weights:
-        return
-    locals_ = [_local(w) for w in weights]
-    for w in locals_:
+    dynamic, delayed = [], []
+    for m in model.modules():
+        if not (isinstance(m, Float8Linear) and isinstance(_local(m.weight), WeightWithFloat8AllGather)):
+            continue
+        scaling = m.config.cast_config_weight.scaling_type
+        if scaling is ScalingType.DYNAMIC:
+            dynamic.append(m)
+        elif scaling is ScalingType.DELAYED and cast and m.float8_amax_initialized:
+            delayed.append(m)
+    for w in [_local(m.weight) for m in dynamic + delayed]:
         w._precomputed = None  # last step's fp8 shards go before this step's are made, not after
-    amaxes = torch.stack(torch._foreach_norm([w._tensor for w in locals_], ord=math.inf)).to(torch.float32)
-    meshes = {id(w.device_mesh): w.device_mesh for w in weights if hasattr(w, "device_mesh")}
-    if len(meshes) > 1:
-        raise ValueError("precompute_float8_dynamic_scale_for_fsdp: weights are sharded over different meshes")
-    if meshes and dist.is_initialized():
-        dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=next(iter(meshes.values())).get_group())
-    # One scale computation (and one batched cast) per distinct (fp8 dtype, power-of-2 rounding): all of
-    # them in practice, instead of a few tiny kernels per weight.
-    groups: dict[tuple[torch.dtype, bool], list[int]] = {}
-    for i, w in enumerate(locals_):
-        key = (w._config.cast_config_weight.target_dtype, w._config.round_scales_to_power_of_2)
-        groups.setdefault(key, []).append(i)
-    for (float8_dtype, round_pow2), idx in groups.items():
-        group_amaxes = amaxes if len(idx) == len(weights) else amaxes[torch.tensor(idx, device=amaxes.device)]
-        scales = amax_to_scale(group_amaxes, float8_dtype, round_scales_to_power_of_2=round_pow2)
-        datas = (cast_many_to_float8([locals_[i]._tensor for i in idx], scales, float8_dtype) if cast
-                 else [None] * len(idx))
-        for i, scale, data in zip(idx, scales.unbind(0), datas):
-            locals_[i]._precomputed = Precomputed(scale, weakref.ref(weights[i]), weights[i]._version, data)
+    if dynamic:
+        weights = [m.weight for m in dynamic]
+        locals_ = [_local(w) for w in weights]
+        amaxes = torch.stack(torch._foreach_norm([w._tensor for w in locals_], ord=math.inf)).to(torch.float32)
+        meshes = {id(w.device_mesh): w.device_mesh for w in weights if hasattr(w, "device_mesh")}
+        if len(meshes) > 1:
+            raise ValueError("precompute_float8_dynamic_scale_for_fsdp: weights are sharded over different meshes")
+        if meshes and dist.is_initialized():
+            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=next(iter(meshes.values())).get_group())
+        # One scale computation (and one batched cast) per distinct (fp8 dtype, power-of-2 rounding): all of
+        # them in practice, instead of a few tiny kernels per weight.
+        groups: dict[tuple[torch.dtype, bool], list[int]] = {}
+        for i, w in enumerate(locals_):
+            key = (w._config.cast_config_weight.target_dtype, w._config.round_scales_to_power_of_2)
+            groups.setdefault(key, []).append(i)
+        for (float8_dtype, round_pow2), idx in groups.items():
+            group_amaxes = amaxes if len(idx) == len(weights) else amaxes[torch.tensor(idx, device=amaxes.device)]
+            scales = amax_to_scale(group_amaxes, float8_dtype, round_scales_to_power_of_2=round_pow2)
+            _set_precomputed([weights[i] for i in idx], scales, float8_dtype, cast)
+    if delayed:
+        weights = [m.weight for m in delayed]
+        locals_ = [_local(w) for w in weights]
+        shards = [w._tensor for w in locals_]
+        # What each gather would record: the shard's amax, folded into the running max the next sync reduces.
+        amax_bufs = [getattr(m, amax_buffer_name(Operand.WEIGHT)) for m in delayed]
+        shard_amaxes = torch.stack([tensor_amax(t) for t in shards])
+        torch._foreach_copy_(amax_bufs, list(torch.maximum(torch.stack(amax_bufs), shard_amaxes).unbind(0)))
+        scale_bufs = [getattr(m, scale_buffer_name(Operand.WEIGHT)) for m in delayed]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, w in enumerate(locals_):
+            by_dtype.setdefault(w._config.cast_config_weight.target_dtype, []).append(i)
+        for float8_dtype, idx in by_dtype.items():
+            _set_precomputed([weights[i] for i in idx], torch.stack([scale_bufs[i] for i in idx]), float8_dtype,
+                             cast, [scale_bufs[i] for i in idx])
+
+
+def _set_precomputed(weights: list, scales: torch.Tensor, float8_dtype: torch.dtype, cast: bool,
+                     scale_bufs: Optional[list] = None) -> None:
+    locals_ = [_local(w) for w in weights]
+    datas = cast_many_to_float8([w._tensor for w in locals_], scales, float8_dtype) if cast else [None] * len(weights)
+    for i, (param, w, scale, data) in enumerate(zip(weights, locals_, scales.unbind(0), datas)):
+        buf = scale_bufs[i] if scale_bufs is not None else None
+        w._precomputed = Precomputed(scale, weakref.ref(param), param._version, data, buf,
+                                     buf._version if buf is not None else 0)
