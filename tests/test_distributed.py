@@ -60,6 +60,9 @@ RECIPES = {
 ONE_RANK_BATCH = {"qat_activation_mse": ["--training.local_batch_size", "8"]}
 HSDP = ["--parallelism.data_parallel_replicate_degree", "2", "--float8.enable", "--float8.recipe_name", "delayed",
         "--float8.enable_fsdp_float8_all_gather"]
+# HSDP with tensorwise: the precompute all-reduces the weights' amaxes over the shard dimension of the 2-D mesh.
+HSDP_TENSORWISE = ["--parallelism.data_parallel_replicate_degree", "2", "--float8.enable", "--float8.recipe_name",
+                   "tensorwise", *FP8_AG]
 RESHARD = ["--float8.enable", "--float8.recipe_name", "tensorwise", *FP8_AG, "--training.steps", "4",
            "--checkpoint.enable", "--checkpoint.interval", "3", "--lr_scheduler.decay_ratio", "0"]
 
@@ -121,6 +124,7 @@ def two_rank(tmp_path_factory):
             for name, (extra, _) in RECIPES.items()]
     jobs[1]["record_all_gather"] = True  # tensorwise + fp8 all-gather
     jobs.append({"name": "hsdp", "argv": _config(root / "hsdp", *BATCH_2, *HSDP)})
+    jobs.append({"name": "hsdp_tensorwise", "argv": _config(root / "hsdp_tensorwise", *BATCH_2, *HSDP_TENSORWISE)})
     jobs.append({"name": "two_save", "argv": _config(root / "two_save", *BATCH_2, *RESHARD)})
     jobs.append({"name": "from_one", "argv": _config(root / "from_one", *BATCH_2, *RESHARD)})
     spec = root / "jobs.json"
@@ -145,16 +149,21 @@ def test_two_ranks_match_one_rank(two_rank, tmp_path, recipe):
     assert results[recipe]["fsdp_modules"] == ["layers.0", "layers.1", "norm", "output", "tok_embeddings"]
     assert results[recipe]["root_is_fsdp"]
     assert results[recipe]["compiled_blocks"] == 2
+    # With FP8_AG's precompute every block Linear (2 layers x 7) ends with its shard's batched fp8 cast.
+    assert results[recipe]["precomputed_casts"] == (14 if FP8_AG[1] in extra else 0), results[recipe]
 
 
 @pytest.mark.slow
-def test_hsdp_matches_one_rank(two_rank, tmp_path):
+@pytest.mark.parametrize("job, argv", [("hsdp", HSDP), ("hsdp_tensorwise", HSDP_TENSORWISE)])
+def test_hsdp_matches_one_rank(two_rank, tmp_path, job, argv):
     root, results = two_rank
-    run_one_rank(tmp_path, *ACCUM_1, *HSDP[2:])
-    one, two = losses(tmp_path), losses(root / "hsdp")
+    run_one_rank(tmp_path, *ACCUM_1, *argv[2:])
+    one, two = losses(tmp_path), losses(root / job)
     worst = max(abs(two[s] - one[s]) / abs(one[s]) for s in one)
-    print(f"HSDP (replicate 2 x shard 1), delayed + fp8 all-gather vs 1-rank: max relative loss difference {worst:.2e}")
+    print(f"HSDP (replicate 2 x shard 1), {job} + fp8 all-gather vs 1-rank: max relative loss difference {worst:.2e}")
     assert sorted(two) == [1, 2, 3] and worst <= 2e-5, (one, two)
+    if job == "hsdp_tensorwise":  # the precompute ran on the 2-D mesh: every block Linear's shard was cast
+        assert results[job]["precomputed_casts"] == 2 * 7, results[job]
 
 
 @pytest.mark.slow
@@ -336,6 +345,11 @@ def _worker(spec_path: str) -> None:
             "compiled_blocks": sum(getattr(b, "_compiled_call_impl", None) is not None
                                    for b in model.layers.values()),
             "all_gathers": gathers,
+            # Float8Linear weights whose shard holds the fp8 cast the precompute made after the last step.
+            "precomputed_casts": sum(
+                getattr(p._local_tensor, "_valid_precomputed", lambda: None)() is not None
+                and p._local_tensor._precomputed.data is not None
+                for n, p in model.named_parameters() if hasattr(p, "_local_tensor")),
         }
         dist.barrier()
     if dist.get_rank() == 0:

@@ -133,11 +133,9 @@ class Float8Converter(ModelConverter):
             precompute_float8_dynamic_scale_for_fsdp(model)
 
 
-def build_converters(config: JobConfig, process_group=None, fsdp_enabled: bool = False,
-                     hsdp: bool = False) -> list[ModelConverter]:
+def build_converters(config: JobConfig, process_group=None, fsdp_enabled: bool = False) -> list[ModelConverter]:
     """Converters named by the config. `process_group`: the data-parallel group delayed-scaling amaxes are
-    synchronised over; `fsdp_enabled`: whether FSDP shards the model (the fp8 all-gather needs it); `hsdp`:
-    whether the mesh is 2-D (replicate x shard)."""
+    synchronised over; `fsdp_enabled`: whether FSDP shards the model (the fp8 all-gather needs it)."""
     converters: list[ModelConverter] = []
     if config.qat_enabled:
         from titan_fp8.quant.converter import build_qat_converter
@@ -154,12 +152,6 @@ def build_converters(config: JobConfig, process_group=None, fsdp_enabled: bool =
         if f8.enable_fsdp_float8_all_gather and not fsdp_enabled:
             logger.info("float8.enable_fsdp_float8_all_gather: one rank, no FSDP all-gather to run in fp8")
         precompute = f8.precompute_float8_dynamic_scale_for_fsdp
-        if precompute and all_gather and hsdp and f8.recipe_name == "tensorwise":
-            # titan_fp8.float8's precompute all-reduces over the parameters' mesh, which must be 1-D; without
-            # it each fp8 all-gather all-reduces its weight's amax over the shard group itself (same numerics).
-            logger.warning("float8.precompute_float8_dynamic_scale_for_fsdp is not supported with HSDP yet: "
-                           "weight scales are computed at each fp8 all-gather instead")
-            precompute = False
         if f8.reuse_float8_weight and fsdp_enabled:
             raise ValueError("float8.reuse_float8_weight is not supported with FSDP (sharded weights are gathered "
                              "for every forward); disable it or run without data-parallel sharding")

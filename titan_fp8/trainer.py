@@ -132,7 +132,7 @@ class Trainer:
             model = Transformer(self.model_args)
         # Delayed-scaling amaxes are synchronised over every data-parallel rank.
         self.converters = build_converters(config, process_group=dp_process_group(self.mesh),
-                                           fsdp_enabled=self.mesh is not None, hsdp=self.dims.hsdp)
+                                           fsdp_enabled=self.mesh is not None)
         for converter in self.converters:
             converter.convert(model)
 

@@ -268,11 +268,11 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module, *, cast: bool = T
         weights = [m.weight for m in dynamic]
         locals_ = [_local(w) for w in weights]
         amaxes = torch.stack(torch._foreach_norm([w._tensor for w in locals_], ord=math.inf)).to(torch.float32)
-        meshes = {id(w.device_mesh): w.device_mesh for w in weights if hasattr(w, "device_mesh")}
-        if len(meshes) > 1:
+        groups_ = {_shard_group(w) for w in weights if hasattr(w, "device_mesh")}
+        if len(groups_) > 1:
             raise ValueError("precompute_float8_dynamic_scale_for_fsdp: weights are sharded over different meshes")
-        if meshes and dist.is_initialized():
-            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=next(iter(meshes.values())).get_group())
+        if groups_ and dist.is_initialized():
+            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=groups_.pop())
         # One scale computation (and one batched cast) per distinct (fp8 dtype, power-of-2 rounding): all of
         # them in practice, instead of a few tiny kernels per weight.
         groups: dict[tuple[torch.dtype, bool], list[int]] = {}
@@ -298,6 +298,19 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module, *, cast: bool = T
         for float8_dtype, idx in by_dtype.items():
             _set_precomputed([weights[i] for i in idx], torch.stack([scale_bufs[i] for i in idx]), float8_dtype,
                              cast, [scale_bufs[i] for i in idx])
+
+
+def _shard_group(param: torch.Tensor):
+    """The process group ``param`` is sharded over. FSDP2 shards on one mesh dimension: the only one, or with
+    HSDP the last (replicas hold the same values, so the max over the shard group is the weight's)."""
+    mesh = param.device_mesh
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    shard_dims = [i for i, p in enumerate(param.placements) if p.is_shard()]
+    if len(shard_dims) != 1:
+        raise ValueError(f"precompute_float8_dynamic_scale_for_fsdp: expected a weight sharded on one mesh dimension, "
+                         f"got placements {param.placements}")
+    return mesh.get_group(shard_dims[0])
 
 
 def _set_precomputed(weights: list, scales: torch.Tensor, float8_dtype: torch.dtype, cast: bool,
