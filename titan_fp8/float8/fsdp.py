@@ -289,7 +289,7 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module, *, cast: bool = T
         shards = [w._tensor for w in locals_]
         # What each gather would record: the shard's amax, folded into the running max the next sync reduces.
         amax_bufs = [getattr(m, amax_buffer_name(Operand.WEIGHT)) for m in delayed]
-        shard_amaxes = torch.stack([tensor_amax(t) for t in shards])
+        shard_amaxes = torch.stack(torch._foreach_norm(shards, ord=math.inf)).to(torch.float32)
         torch._foreach_copy_(amax_bufs, list(torch.maximum(torch.stack(amax_bufs), shard_amaxes).unbind(0)))
         scale_bufs = [getattr(m, scale_buffer_name(Operand.WEIGHT)) for m in delayed]
         by_dtype: dict[torch.dtype, list[int]] = {}
