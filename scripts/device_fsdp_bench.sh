@@ -5,6 +5,9 @@
 #
 #   OUT=/tmp/bench scripts/device_fsdp_bench.sh            # writes $OUT/fsdp_bench.json and $OUT/<recipe>.log
 #
+# The runs' dump folders (metrics.jsonl, ...) and exit codes go to DUMP (default $OUT): on the device tool, whose
+# $OUT returns at most 8 files, set DUMP=/tmp/fsdp_dump so that only the JSON, gpus.txt and the logs come back.
+#
 # Prints one table: tokens/s per GPU (steps 11..STEPS, tokens over wall time), peak active memory (max over
 # ranks), MFU against the card's bf16 dense peak (as torchtitan reports it, for fp8 recipes too), last loss.
 # Budget: ~8 minutes on 2x H100 (cold compile caches); a recipe that fails or runs past RUN_TIMEOUT is
@@ -29,7 +32,8 @@ N_LAYERS=${N_LAYERS:-4}
 LOCAL_BATCH=${LOCAL_BATCH:-2}
 LOG_FREQ=${LOG_FREQ:-10}
 BUDGET=${BUDGET:-510}  # seconds for all runs (the device allows 600 per command)
-mkdir -p "$OUT"
+DUMP=${DUMP:-$OUT}
+mkdir -p "$OUT" "$DUMP"
 export TITAN_FP8_CACHE=${TITAN_FP8_CACHE:-/tmp/titan_fp8_cache}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/titan_fp8_inductor_cache}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -64,28 +68,28 @@ for recipe in $RECIPES; do
     remaining=$(( BUDGET - elapsed ))
     if (( remaining < 60 )); then
         echo "=== $recipe: skipped (${elapsed}s elapsed of the ${BUDGET}s budget)" | tee "$OUT/$recipe.log"
-        echo "skipped" > "$OUT/$recipe.rc"
+        echo "skipped" > "$DUMP/$recipe.rc"
         continue
     fi
     limit=$(( remaining < RUN_TIMEOUT ? remaining : RUN_TIMEOUT ))
-    rm -rf "$OUT/$recipe"
+    rm -rf "${DUMP:?}/$recipe"
     # shellcheck disable=SC2046
-    args=("${COMMON[@]}" $(recipe_args "$recipe") ${EXTRA_ARGS:-} --job.dump_folder "$OUT/$recipe")
+    args=("${COMMON[@]}" $(recipe_args "$recipe") ${EXTRA_ARGS:-} --job.dump_folder "$DUMP/$recipe")
     echo "=== $recipe: NGPU=$NGPU CONFIG_FILE=configs/llama3_8b.toml scripts/run_train.sh ${args[*]}"
     t0=$(date +%s)
     NGPU=$NGPU CONFIG_FILE=configs/llama3_8b.toml timeout --kill-after=15 "$limit" \
         scripts/run_train.sh "${args[@]}" > "$OUT/$recipe.log" 2>&1
     rc=$?
-    echo "$rc" > "$OUT/$recipe.rc"
+    echo "$rc" > "$DUMP/$recipe.rc"
     echo "=== $recipe: exit $rc after $(( $(date +%s) - t0 ))s"
     grep -E "step +($STEPS|1) |Error|error:" "$OUT/$recipe.log" | tail -n 4
 done
 
-python - "$OUT" "$STEPS" "$RECIPES" "$NGPU" "${EXTRA_ARGS:-}" "$N_LAYERS" "$LOCAL_BATCH" <<'PY'
+python - "$OUT" "$STEPS" "$RECIPES" "$NGPU" "${EXTRA_ARGS:-}" "$N_LAYERS" "$LOCAL_BATCH" "$DUMP" <<'PY'
 import json, os, platform, subprocess, sys
 
 out, steps, recipes, ngpu, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4], sys.argv[5]
-n_layers, local_batch = int(sys.argv[6]), int(sys.argv[7])
+n_layers, local_batch, dump = int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
 first_measured = 11 if steps >= 20 else max(2, steps // 2)
 if (n_layers, local_batch) == (4, 2):
     # torchao under FSDP2 on 2x H100, same shapes and settings (ARCHITECTURE.md "Measured anchors").
@@ -99,8 +103,9 @@ else:
                "rowwise": {"speedup": 1.1005, "memory_gib": 47.79}}
 rows = {}
 for recipe in recipes:
-    rc = open(os.path.join(out, f"{recipe}.rc")).read().strip() if os.path.exists(os.path.join(out, f"{recipe}.rc")) else "missing"
-    path = os.path.join(out, recipe, "metrics.jsonl")
+    rc_path = os.path.join(dump, f"{recipe}.rc")
+    rc = open(rc_path).read().strip() if os.path.exists(rc_path) else "missing"
+    path = os.path.join(dump, recipe, "metrics.jsonl")
     records = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
     train = [r for r in records if "loss" in r]
     measured = [r for r in train if r["step"] >= first_measured and r.get("tps")]
