@@ -176,9 +176,9 @@ class WeightWithFloat8AllGather(torch.Tensor):
         return weight, (data,)
 
     def _valid_precomputed(self) -> Optional[Precomputed]:
-        if self._precomputed is None:
-            return None
         pre = self._precomputed
+        if pre is None:
+            return None
         param = pre.param_ref()
         # In-place updates (optimizer.step, a load) bump the versions: a stale scale or cast is not used.
         if param is None or param._version != pre.version:
@@ -268,19 +268,17 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module, *, cast: bool = T
         weights = [m.weight for m in dynamic]
         locals_ = [_local(w) for w in weights]
         amaxes = torch.stack(torch._foreach_norm([w._tensor for w in locals_], ord=math.inf)).to(torch.float32)
-        groups_ = {_shard_group(w) for w in weights if hasattr(w, "device_mesh")}
-        if len(groups_) > 1:
+        shard_groups = {_shard_group(w) for w in weights if hasattr(w, "device_mesh")}
+        if len(shard_groups) > 1:
             raise ValueError("precompute_float8_dynamic_scale_for_fsdp: weights are sharded over different meshes")
-        if groups_ and dist.is_initialized():
-            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=groups_.pop())
+        if shard_groups and dist.is_initialized():
+            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=shard_groups.pop())
         # One scale computation (and one batched cast) per distinct (fp8 dtype, power-of-2 rounding): all of
         # them in practice, instead of a few tiny kernels per weight.
-        groups: dict[tuple[torch.dtype, bool], list[int]] = {}
-        for i, w in enumerate(locals_):
-            key = (w._config.cast_config_weight.target_dtype, w._config.round_scales_to_power_of_2)
-            groups.setdefault(key, []).append(i)
-        for (float8_dtype, round_pow2), idx in groups.items():
-            group_amaxes = amaxes if len(idx) == len(weights) else amaxes[torch.tensor(idx, device=amaxes.device)]
+        by_setting = _indices_by(locals_, lambda w: (w._config.cast_config_weight.target_dtype,
+                                                     w._config.round_scales_to_power_of_2))
+        for (float8_dtype, round_pow2), idx in by_setting.items():
+            group_amaxes = amaxes if len(idx) == len(weights) else torch.stack([amaxes[i] for i in idx])
             scales = amax_to_scale(group_amaxes, float8_dtype, round_scales_to_power_of_2=round_pow2)
             _set_precomputed([weights[i] for i in idx], scales, float8_dtype, cast)
     if delayed:
@@ -292,12 +290,18 @@ def precompute_float8_dynamic_scale_for_fsdp(model: nn.Module, *, cast: bool = T
         shard_amaxes = torch.stack(torch._foreach_norm(shards, ord=math.inf)).to(torch.float32)
         torch._foreach_copy_(amax_bufs, list(torch.maximum(torch.stack(amax_bufs), shard_amaxes).unbind(0)))
         scale_bufs = [getattr(m, scale_buffer_name(Operand.WEIGHT)) for m in delayed]
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, w in enumerate(locals_):
-            by_dtype.setdefault(w._config.cast_config_weight.target_dtype, []).append(i)
+        by_dtype = _indices_by(locals_, lambda w: w._config.cast_config_weight.target_dtype)
         for float8_dtype, idx in by_dtype.items():
             _set_precomputed([weights[i] for i in idx], torch.stack([scale_bufs[i] for i in idx]), float8_dtype,
                              cast, [scale_bufs[i] for i in idx])
+
+
+def _indices_by(items: list, key) -> dict:
+    """Positions of ``items`` grouped by ``key(item)``, in first-seen order."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return groups
 
 
 def _shard_group(param: torch.Tensor):

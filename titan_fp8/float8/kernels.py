@@ -34,7 +34,7 @@ still reaches the loss and the non-finite checks.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -235,7 +235,18 @@ _CAST_MANY_BLOCK = 4096
 _cast_many_tables: dict = {}
 
 
-def _cast_many_table(tensors: list[torch.Tensor]):
+class _CastManyTable(NamedTuple):
+    src_ptrs: torch.Tensor  # int64 (n,): each tensor's address
+    out_offsets: torch.Tensor  # int64 (n,): where each tensor starts in the flat output
+    numels: torch.Tensor  # int64 (n,)
+    block_tensor: torch.Tensor  # int32 (blocks,): the tensor each program casts ...
+    block_first: torch.Tensor  # int32 (n,): ... and the first program of each tensor
+    offsets: list[int]  # out_offsets on the host, to cut the output into views
+    total: int  # elements of the flat output
+    n_blocks: int  # programs to launch
+
+
+def _cast_many_table(tensors: list[torch.Tensor]) -> _CastManyTable:
     key = (tensors[0].device, tuple((t.data_ptr(), t.numel()) for t in tensors))
     table = _cast_many_tables.get(key)
     if table is None:
@@ -251,7 +262,7 @@ def _cast_many_table(tensors: list[torch.Tensor]):
             first.append(acc)
             acc += b
         as_device = lambda values, dtype: torch.tensor(values, dtype=dtype).to(tensors[0].device)
-        table = (
+        table = _CastManyTable(
             as_device([t.data_ptr() for t in tensors], torch.int64),
             as_device(offsets, torch.int64),
             as_device(numels, torch.int64),
@@ -272,18 +283,19 @@ _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float3
 
 def triton_cast_many(tensors: list[torch.Tensor], scales: torch.Tensor, float8_dtype: torch.dtype) -> list[torch.Tensor]:
     """All ``tensors`` (one source dtype, contiguous) cast with ``scales[i]`` in one launch."""
-    src_ptrs, out_offsets, numels, block_tensor, block_first, offsets, total, n_blocks = _cast_many_table(tensors)
+    table = _cast_many_table(tensors)
     # The interpreter converts fp32 -> fp8 inexactly: let it write fp32, convert with torch below.
-    flat = torch.empty(total, dtype=torch.float32 if _INTERPRET else float8_dtype, device=tensors[0].device)
-    if n_blocks:
-        _cast_many_kernel[(n_blocks,)](
-            src_ptrs, flat, out_offsets, numels, scales.to(torch.float32).contiguous(), block_tensor, block_first,
+    flat = torch.empty(table.total, dtype=torch.float32 if _INTERPRET else float8_dtype, device=tensors[0].device)
+    if table.n_blocks:
+        _cast_many_kernel[(table.n_blocks,)](
+            table.src_ptrs, flat, table.out_offsets, table.numels, scales.to(torch.float32).contiguous(),
+            table.block_tensor, table.block_first,
             FP8_MAX=float8_max(float8_dtype), SRC=getattr(tl, _TL_DTYPES[tensors[0].dtype]), BLOCK=_CAST_MANY_BLOCK,
             num_warps=8,
         )
     if _INTERPRET:
         flat = flat.to(float8_dtype)
-    return [flat[o: o + t.numel()].view(t.shape) for t, o in zip(tensors, offsets)]
+    return [flat[o: o + t.numel()].view(t.shape) for t, o in zip(tensors, table.offsets)]
 
 
 def cast_many_to_float8(tensors: list[torch.Tensor], scales: torch.Tensor, float8_dtype: torch.dtype) -> list[torch.Tensor]:
@@ -308,7 +320,9 @@ def cast_many_to_float8(tensors: list[torch.Tensor], scales: torch.Tensor, float
             for i in idx:
                 out[i] = saturated_cast(tensors[i], scales[i], float8_dtype)
             continue
-        group_scales = scales if len(idx) == len(tensors) else scales[torch.tensor(idx, device=scales.device)]
+        # (A stack of 0-d views, not indexing with a list: that would copy the list to the GPU from pageable
+        # memory and stall the CPU on the GPU's queue.)
+        group_scales = scales if len(idx) == len(tensors) else torch.stack([scales[i] for i in idx])
         for i, data in zip(idx, triton_cast_many([tensors[i] for i in idx], group_scales, float8_dtype)):
             out[i] = data
     return out
