@@ -15,6 +15,7 @@ Variants (comma-separated with --variants; default: DEFAULT_VARIANTS[mode]):
       plain    cast_backend="torch", save_float8_for_backward=False first (the recipe without speed
                                                defaults; other switches then turn things back on)
       triton   cast_backend="triton"          fused Triton cast kernels (one amax pass + one dual-layout pass)
+      inline   cast_backend="triton_inline"   the same kernels, launched from torch.compile's generated code
       save8    save_float8_for_backward=True   fp8 input (transposed) saved for backward, cast in one forward pass
       reuse    reuse_float8_weight=True        fp8 weight cast once per optimizer step (in `linear`: the weight
                                                never changes, so this is the cost of micro-batches 2..n)
@@ -62,7 +63,7 @@ from titan_fp8.loss import cross_entropy_loss  # noqa: E402
 from titan_fp8.models import Transformer, llama3_flavors  # noqa: E402
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed")
-SWITCHES = ("plain", "triton", "save8", "reuse", "filter")
+SWITCHES = ("plain", "triton", "inline", "save8", "reuse", "filter")
 # Most informative first: a budget cut loses the tail.
 LINEAR_SHAPES = ((4096, 4096), (4096, 1024), (8192, 8192), (4096, 14336), (14336, 4096))
 DEFAULT_VARIANTS = {
@@ -99,7 +100,8 @@ class Variant:
         config = Float8LinearConfig.from_recipe_name(self.recipe)
         if "plain" in self.switches:
             config = dataclasses.replace(config, cast_backend="torch", save_float8_for_backward=False)
-        on = {"triton": dict(cast_backend="triton"), "save8": dict(save_float8_for_backward=True),
+        on = {"triton": dict(cast_backend="triton"), "inline": dict(cast_backend="triton_inline"),
+              "save8": dict(save_float8_for_backward=True),
               "reuse": dict(reuse_float8_weight=True)}
         for switch, fields in on.items():
             if switch in self.switches:
@@ -828,7 +830,7 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d"), "argv": sys.argv, "mode": a.mode}
     print(f"device {out['device']}, torch {out['torch']}, torchao {ao_version or 'no'}, {out['date']}", flush=True)
 
-    uses_triton = [v.name for v in variants if v.kind == "ours" and v.float8_config().cast_backend == "triton"]
+    uses_triton = [v.name for v in variants if v.kind == "ours" and v.float8_config().cast_backend != "torch"]
     if uses_triton and DEVICE == "cuda":
         problem = triton_self_check()
         out["triton_self_check"] = problem or "bit-exact vs torch reference"

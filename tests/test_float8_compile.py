@@ -66,9 +66,10 @@ PLAIN = dict(cast_backend="torch", save_float8_for_backward=False)
         ("tensorwise", "inductor", FAST),
         ("rowwise", "inductor", PLAIN),
         ("delayed", "aot_eager", {**FAST, "reuse_float8_weight": True}),
+        ("rowwise", "inductor", {"cast_backend": "triton_inline"}),
     ],
     ids=["tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed", "tensorwise-fast", "rowwise-torch-casts",
-         "delayed-fast-reuse"],
+         "delayed-fast-reuse", "rowwise-inline-casts"],
 )
 def test_compiled_mlp_forward_backward_has_no_graph_breaks(recipe, backend, overrides):
     eager, model, c = compiled_steps(recipe, backend, **overrides)
@@ -89,13 +90,14 @@ def test_explain_reports_one_graph():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp8 _scaled_mm on sm89+)")
-@pytest.mark.parametrize("casts", ["default", "torch", "triton-save8"])
+@pytest.mark.parametrize("casts", ["default", "torch", "triton-save8", "triton_inline"])
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp", "delayed"])
 def test_cuda_compiled_float8_linear_uses_scaled_mm(recipe, casts):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 _scaled_mm needs sm89+")
     overrides = {"default": {}, "torch": PLAIN,
-                 "triton-save8": dict(cast_backend="triton", save_float8_for_backward=recipe != "rowwise_with_gw_hp")}[casts]
+                 "triton-save8": dict(cast_backend="triton", save_float8_for_backward=recipe != "rowwise_with_gw_hp"),
+                 "triton_inline": dict(cast_backend="triton_inline")}[casts]
     eager, model, c = compiled_steps(recipe, "inductor", device="cuda", dtype=torch.bfloat16, x_shape=(4, 256, 32),
                                      **overrides)
     assert sum(c["graph_break"].values()) == 0, dict(c["graph_break"])
@@ -111,6 +113,16 @@ def test_cuda_compiled_float8_linear_uses_scaled_mm(recipe, casts):
     compiled = torch.compile(model, fullgraph=True)
     _, code = run_and_get_code(lambda: compiled(x).float().sum().backward())
     assert any("_scaled_mm" in c for c in code)
+    backend = _cast_backend(model)
+    if backend == "triton":  # opaque custom ops, called from the compiled code
+        assert any("titan_fp8.cast_2d" in c for c in code)
+    elif backend == "triton_inline":  # triton_ops: inductor launches the kernels itself, no op call
+        assert any("_cast_2d_kernel" in c for c in code)
+        assert not any("titan_fp8.cast_2d" in c or "titan_fp8.amax" in c for c in code)
+
+
+def _cast_backend(model) -> str:
+    return next(m.config.cast_backend for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "cast_backend"))
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])

@@ -112,7 +112,7 @@ def interpreter_checks() -> None:
     for recipe in ("tensorwise", "rowwise", "delayed"):
         base = Float8LinearConfig.from_recipe_name(recipe)
         outs = []
-        for backend in ("torch", "triton"):
+        for backend in ("torch", "triton", "triton_inline"):
             cfg = dataclasses.replace(base, cast_backend=backend, save_float8_for_backward=True)
             torch.manual_seed(0)
             layer = Float8Linear.from_float(nn.Linear(48, 32, bias=False), cfg)
@@ -124,8 +124,9 @@ def interpreter_checks() -> None:
                 res += [y.detach(), xi.grad, layer.weight.grad.clone()]
                 sync_float8_amax_and_scale_history(layer)
             outs.append(res)
-        for p, q in zip(*outs):
-            assert torch.equal(p, q), recipe
+        for got in outs[1:]:
+            for p, q in zip(outs[0], got):
+                assert torch.equal(p, q), recipe
     cast_many_checks("cpu")
     print("interpreter checks passed")
 
@@ -212,12 +213,18 @@ def test_custom_ops_have_fake_impls_and_pass_opcheck():
     for args in [(x, s, s, E5M2, False, True, True, True), (x, rs, cs, E4M3, True, True, True, False),
                  (x, rs, rs, E4M3, True, True, False, False)]:
         torch.library.opcheck(torch.ops.titan_fp8.cast_2d.default, args, test_utils=("test_schema", "test_faketensor"))
+        # The triton_op twins: their fake implementation is the function itself.
+        torch.library.opcheck(torch.ops.titan_fp8.cast_2d_inline.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.titan_fp8.amax_inline.default, (x,), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.titan_fp8.amax_rows_cols_inline.default, (x, False, True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ---------------------------------------------------------------------------------------------- dual cast
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_inline"])
 @pytest.mark.parametrize("granularity", ["tensorwise", "axiswise"])
 def test_dual_cast_equals_two_single_orientation_casts(backend, granularity):
     torch.manual_seed(0)
@@ -241,7 +248,7 @@ def test_dual_cast_equals_two_single_orientation_casts(backend, granularity):
     assert s.other is None and torch.equal(s.other_scale, ref_other._scale)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_inline"])
 def test_known_scale_measures_amax_in_the_cast_pass(backend, monkeypatch):
     x = torch.randn(32, 48) * 3
     cc = CastConfig(target_dtype=E4M3)
@@ -285,6 +292,7 @@ def _steps(config: Float8LinearConfig, micro_batches: int = 1, steps: int = 2, d
 
 SWITCHES = {
     "triton": dict(cast_backend="triton"),
+    "triton_inline": dict(cast_backend="triton_inline"),
     "save8": dict(save_float8_for_backward=True),
     "reuse": dict(reuse_float8_weight=True),
     "all": dict(cast_backend="triton", save_float8_for_backward=True, reuse_float8_weight=True),

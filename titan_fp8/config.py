@@ -162,8 +162,10 @@ class Float8:
     filter_small_gemms: bool = _opt(False, "keep Linears whose fp8 GEMMs are predicted slower than bf16 at this "
                                            "micro-batch's token count in high precision (each logged with why)")
     cast_backend: Optional[str] = _opt(None, "fp8 casts: torch (ops fused by torch.compile) or triton (fused kernels: "
-                                              "one amax pass + one pass writing both layouts); default: the recipe's "
-                                              "(triton for rowwise, torch otherwise)", choices=("torch", "triton"))
+                                              "one amax pass + one pass writing both layouts) or triton_inline (the "
+                                              "same kernels launched from torch.compile's own code: less CPU per "
+                                              "call); default: the recipe's (triton for rowwise, torch otherwise)",
+                                       choices=("torch", "triton", "triton_inline"))
     save_float8_for_backward: Optional[bool] = _opt(None, "save the fp8 input (both layouts cast in one forward pass) "
                                                           "for backward instead of the high-precision input; default: "
                                                           "off (compiled, the backward recasts the input inside the kernels that "

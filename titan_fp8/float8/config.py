@@ -22,7 +22,7 @@ import torch
 
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
-CAST_BACKENDS = ("torch", "triton")  # see kernels.py
+CAST_BACKENDS = ("torch", "triton", "triton_inline")  # see kernels.py
 
 
 class ScalingType(enum.Enum):
@@ -157,7 +157,8 @@ class Float8LinearConfig:
     # How casts run: "torch" (plain ops; torch.compile fuses them) or "triton" (hand-written fused
     # kernels registered as custom ops: one amax pass + one pass writing both layouts; the same math
     # in torch on CPU). See kernels.py. Under torch.compile only the activations' casts use the kernels
-    # (linear._cast_backend). "torch" by default; the rowwise recipe picks "triton".
+    # (linear._cast_backend). "torch" by default; the rowwise recipe picks "triton". "triton_inline": the
+    # same kernels, which torch.compile launches from its own code (less CPU per call; see kernels.py).
     cast_backend: str = "torch"
     # Cast each weight to fp8 once per optimizer step (``precompute_float8_weights``, called before the
     # first micro-batch) and reuse it in every gradient-accumulation micro-batch. Costs the fp8 weight

@@ -20,6 +20,10 @@ Backends (``Float8LinearConfig.cast_backend``):
             keeps them as opaque calls. On CPU (or without Triton) the same ops run the "torch"
             reference math, so results are bit-identical across backends up to the hardware's
             fp32 -> fp8 conversion (round-to-nearest-even, saturated by our explicit clamp on both).
+  "triton_inline": the same kernels registered as ``torch.library.triton_op``s
+            (``torch.ops.titan_fp8.*_inline``): torch.compile traces into them and inductor launches
+            the kernels from its own generated code, without the custom-op dispatch and Triton's
+            Python launcher (they are still not fused with neighbouring ops).
 
 The Triton kernels are tested on CPU with ``TRITON_INTERPRET=1`` (tests/test_float8_kernels.py). The
 interpreter's own fp32 -> fp8 conversion is inexact, so there the kernels write the clamped fp32 values
@@ -37,6 +41,7 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+from torch.library import triton_op, wrap_triton
 
 from .scaling import float8_max, saturated_cast, tensor_amax
 
@@ -170,28 +175,45 @@ def _grid_2d(m: int, k: int):
 # ---------------------------------------------------------------------------------------------- launchers
 
 
-def triton_amax(x: torch.Tensor) -> torch.Tensor:
+# `inline=True` launches through `wrap_triton`, for the `triton_op` registrations below ("triton_inline"):
+# torch.compile traces into them and inductor launches the kernels from its generated code. A pointer the
+# kernel ignores still gets its own 1-element scratch tensor: aliasing one written argument with another
+# would break functionalization's copy-back.
+
+
+def _launch(kernel, inline: bool):
+    return wrap_triton(kernel) if inline else kernel
+
+
+def _scratch(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def triton_amax(x: torch.Tensor, inline: bool = False) -> torch.Tensor:
     x = x.contiguous().view(-1)
     out = torch.zeros((), dtype=torch.float32, device=x.device)
     n = x.numel()
     if n:
         block = 4096
         grid = (min(triton.cdiv(n, block), 1024),)
-        _amax_kernel[grid](x, out, n, BLOCK=block, num_warps=8)
+        _launch(_amax_kernel, inline)[grid](x, out, n, BLOCK=block, num_warps=8)
     return out
 
 
-def triton_amax_rows_cols(x: torch.Tensor, rows: bool, cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_amax_rows_cols(x: torch.Tensor, rows: bool, cols: bool, inline: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     m, k = x.shape
     row = torch.zeros(m if rows else 0, dtype=torch.float32, device=x.device)
     col = torch.zeros(k if cols else 0, dtype=torch.float32, device=x.device)
     if x.numel() and (rows or cols):
-        args = (x, row if rows else col, col if cols else row, m, k)
+        args = (x, row if rows else _scratch(torch.float32, x.device), col if cols else _scratch(torch.float32, x.device),
+                m, k)
         if _INTERPRET:
-            _amax_rows_cols_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](*args, ROWS=rows, COLS=cols, BM=32, BK=32)
+            _launch(_amax_rows_cols_kernel, inline)[(triton.cdiv(m, 32), triton.cdiv(k, 32))](
+                *args, ROWS=rows, COLS=cols, BM=32, BK=32)
         else:
-            _amax_rows_cols_tuned[_grid_2d(m, k)](*args, ROWS=rows, COLS=cols)
+            _launch(_amax_rows_cols_tuned, inline)[_grid_2d(m, k)](*args, ROWS=rows, COLS=cols)
     return row.view(-1, 1), col.view(1, -1)
 
 
@@ -204,6 +226,7 @@ def triton_cast_2d(
     write_row: bool,
     write_col: bool,
     with_amax: bool,
+    inline: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     m, k = x.shape
@@ -211,19 +234,20 @@ def triton_cast_2d(
     store_dtype = torch.float32 if _INTERPRET else float8_dtype
     out = torch.empty((m, k) if write_row else (0,), dtype=store_dtype, device=x.device)
     out_t = torch.empty((k, m) if write_col else (0,), dtype=store_dtype, device=x.device)
-    # Every pointer handed to Triton is a real allocation (never a 0-size tensor): unused ones alias used ones.
     amax = torch.zeros((), dtype=torch.float32, device=x.device) if with_amax else x.new_empty((0,), dtype=torch.float32)
     if x.numel():
         rs = row_scale.reshape(-1).to(torch.float32).contiguous()
         cs = col_scale.reshape(-1).to(torch.float32).contiguous()
-        rs, cs = (rs if rs.numel() else cs), (cs if cs.numel() else rs)
-        args = (x, rs, cs, out if write_row else out_t, out_t if write_col else out, amax if with_amax else rs, m, k)
+        rs, cs = (rs if rs.numel() else cs), (cs if cs.numel() else rs)  # read-only: aliasing is harmless
+        args = (x, rs, cs, out if write_row else _scratch(store_dtype, x.device),
+                out_t if write_col else _scratch(store_dtype, x.device),
+                amax if with_amax else _scratch(torch.float32, x.device), m, k)
         flags = dict(FP8_MAX=float8_max(float8_dtype), ROWWISE=rowwise, WRITE_ROW=write_row, WRITE_COL=write_col,
                      WITH_AMAX=with_amax)
         if _INTERPRET:
-            _cast_2d_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](*args, **flags, BM=32, BK=32)
+            _launch(_cast_2d_kernel, inline)[(triton.cdiv(m, 32), triton.cdiv(k, 32))](*args, **flags, BM=32, BK=32)
         else:
-            _cast_2d_tuned[_grid_2d(m, k)](*args, **flags)
+            _launch(_cast_2d_tuned, inline)[_grid_2d(m, k)](*args, **flags)
     if _INTERPRET:
         out, out_t = out.to(float8_dtype), out_t.to(float8_dtype)
     return out, out_t, amax
@@ -365,11 +389,35 @@ def torch_cast_2d(
 # ---------------------------------------------------------------------------------------------- custom ops
 
 
+# Each op twice. "triton": a torch.library.custom_op, opaque to torch.compile (inductor calls it like an eager
+# op: custom-op dispatch + Triton's Python launcher, ~0.1 ms of CPU per call). "triton_inline": a
+# torch.library.triton_op, which torch.compile traces into, so inductor launches the kernel from its generated
+# code (the function is also its fake implementation). Inlined, the compiled per-Linear step needs far less CPU,
+# but the partitioner then places the casts around the kernels differently, which cost 8B layers end to end
+# more GPU time than it saved (docs/performance.md, session 14); "triton" stays the recipes' default.
+
+
+def _amax_impl(x: torch.Tensor, inline: bool) -> torch.Tensor:
+    if _use_triton(x) and x.numel() < _MAX_AMAX_NUMEL:
+        return triton_amax(x, inline)
+    return tensor_amax(x)
+
+
+def _amax_rows_cols_impl(x: torch.Tensor, rows: bool, cols: bool, inline: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return triton_amax_rows_cols(x, rows, cols, inline)
+    return torch_amax_rows_cols(x, rows, cols)
+
+
+def _cast_2d_impl(x, row_scale, col_scale, float8_dtype, rowwise, write_row, write_col, with_amax, inline):
+    if _use_triton(x):
+        return triton_cast_2d(x, row_scale, col_scale, float8_dtype, rowwise, write_row, write_col, with_amax, inline)
+    return torch_cast_2d(x, row_scale, col_scale, float8_dtype, rowwise, write_row, write_col, with_amax)
+
+
 @torch.library.custom_op("titan_fp8::amax", mutates_args=())
 def _amax_op(x: torch.Tensor) -> torch.Tensor:
-    if _use_triton(x) and x.numel() < _MAX_AMAX_NUMEL:
-        return triton_amax(x)
-    return tensor_amax(x)
+    return _amax_impl(x, False)
 
 
 @_amax_op.register_fake
@@ -379,9 +427,7 @@ def _(x):
 
 @torch.library.custom_op("titan_fp8::amax_rows_cols", mutates_args=())
 def _amax_rows_cols_op(x: torch.Tensor, rows: bool, cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(x):
-        return triton_amax_rows_cols(x, rows, cols)
-    return torch_amax_rows_cols(x, rows, cols)
+    return _amax_rows_cols_impl(x, rows, cols, False)
 
 
 @_amax_rows_cols_op.register_fake
@@ -392,17 +438,10 @@ def _(x, rows, cols):
 
 @torch.library.custom_op("titan_fp8::cast_2d", mutates_args=())
 def _cast_2d_op(
-    x: torch.Tensor,
-    row_scale: torch.Tensor,
-    col_scale: torch.Tensor,
-    float8_dtype: torch.dtype,
-    rowwise: bool,
-    write_row: bool,
-    write_col: bool,
-    with_amax: bool,
+    x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, float8_dtype: torch.dtype, rowwise: bool,
+    write_row: bool, write_col: bool, with_amax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = triton_cast_2d if _use_triton(x) else torch_cast_2d
-    return impl(x, row_scale, col_scale, float8_dtype, rowwise, write_row, write_col, with_amax)
+    return _cast_2d_impl(x, row_scale, col_scale, float8_dtype, rowwise, write_row, write_col, with_amax, False)
 
 
 @_cast_2d_op.register_fake
@@ -414,13 +453,38 @@ def _(x, row_scale, col_scale, float8_dtype, rowwise, write_row, write_col, with
     return out, out_t, amax
 
 
+@triton_op("titan_fp8::amax_inline", mutates_args=())
+def _amax_inline_op(x: torch.Tensor) -> torch.Tensor:
+    return _amax_impl(x, True)
+
+
+@triton_op("titan_fp8::amax_rows_cols_inline", mutates_args=())
+def _amax_rows_cols_inline_op(x: torch.Tensor, rows: bool, cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _amax_rows_cols_impl(x, rows, cols, True)
+
+
+@triton_op("titan_fp8::cast_2d_inline", mutates_args=())
+def _cast_2d_inline_op(
+    x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, float8_dtype: torch.dtype, rowwise: bool,
+    write_row: bool, write_col: bool, with_amax: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cast_2d_impl(x, row_scale, col_scale, float8_dtype, rowwise, write_row, write_col, with_amax, True)
+
+
+_OPS = {  # backend -> (amax, amax_rows_cols, cast_2d)
+    "triton": (torch.ops.titan_fp8.amax, torch.ops.titan_fp8.amax_rows_cols, torch.ops.titan_fp8.cast_2d),
+    "triton_inline": (torch.ops.titan_fp8.amax_inline, torch.ops.titan_fp8.amax_rows_cols_inline,
+                      torch.ops.titan_fp8.cast_2d_inline),
+}
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
 def amax_tensorwise(x: torch.Tensor, backend: str) -> torch.Tensor:
     """max|x| as a 0-d fp32 tensor."""
-    if backend == "triton":
-        return torch.ops.titan_fp8.amax(x)
+    if backend in _OPS:
+        return _OPS[backend][0](x)
     return tensor_amax(x)
 
 
@@ -428,8 +492,8 @@ def amax_rows_cols(
     x: torch.Tensor, rows: bool, cols: bool, backend: str
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """max|x| per row (M, 1) and/or per column (1, K) of a 2-D x, in one pass (triton backend)."""
-    if backend == "triton":
-        row, col = torch.ops.titan_fp8.amax_rows_cols(x, rows, cols)
+    if backend in _OPS:
+        row, col = _OPS[backend][1](x, rows, cols)
     else:
         row, col = torch_amax_rows_cols(x, rows, cols)
     return (row if rows else None), (col if cols else None)
@@ -456,8 +520,8 @@ def cast_2d(
     dummy = x.new_empty((0,), dtype=torch.float32)
     row = row_scale if row_scale is not None else dummy
     col = (col_scale if col_scale is not None else dummy) if rowwise else row
-    if backend == "triton":
-        out, out_t, amax = torch.ops.titan_fp8.cast_2d(x, row, col, float8_dtype, rowwise, write_row, write_col, with_amax)
+    if backend in _OPS:
+        out, out_t, amax = _OPS[backend][2](x, row, col, float8_dtype, rowwise, write_row, write_col, with_amax)
     else:
         out, out_t, amax = torch_cast_2d(x, row, col, float8_dtype, rowwise, write_row, write_col, with_amax)
     return (out if write_row else None), (out_t if write_col else None), (amax if with_amax else None)

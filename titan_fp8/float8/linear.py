@@ -304,7 +304,7 @@ class Float8Linear(nn.Linear):
         # forwards outside a precompute/invalidate bracket, e.g. validation).
         self.float8_weight_cache_valid = False
         self._float8_weight_cache_version = -1
-        if config.cast_backend == "triton" and not HAVE_TRITON:
+        if config.cast_backend != "torch" and not HAVE_TRITON:
             logger.warning("float8 cast_backend='triton' but Triton is not importable: casts run the torch "
                            "reference math (same results, not the fused kernels)")
         if config.enable_fsdp_float8_all_gather:
