@@ -10,7 +10,8 @@ Typical use::
     precompute_float8_dynamic_scale_for_fsdp(model)  # FSDP2 fp8 all-gather only
 
 Speed switches (Float8LinearConfig fields, off by default except where a recipe turns them on: rowwise
-uses the first): ``cast_backend="triton"`` (fused cast kernels), ``save_float8_for_backward`` (fp8
+uses the first): ``cast_backend="triton"`` (fused cast kernels; ``"triton_inline"``: the same kernels
+inlined by torch.compile, less host time per call), ``save_float8_for_backward`` (fp8
 input saved for backward), ``reuse_float8_weight`` (with
 ``precompute_float8_weights(model)`` before a step's micro-batches and ``invalidate_float8_weights(model)``
 after ``optimizer.step()``); and ``module_filter_fn=small_gemm_filter(config, tokens)`` keeps Linears
