@@ -176,17 +176,18 @@ def _grid_2d(m: int, k: int):
 
 
 # `inline=True` launches through `wrap_triton`, for the `triton_op` registrations below ("triton_inline"):
-# torch.compile traces into them and inductor launches the kernels from its generated code. A pointer the
-# kernel ignores still gets its own 1-element scratch tensor: aliasing one written argument with another
-# would break functionalization's copy-back.
+# torch.compile traces into them and inductor launches the kernels from its generated code.
 
 
 def _launch(kernel, inline: bool):
     return wrap_triton(kernel) if inline else kernel
 
 
-def _scratch(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty(1, dtype=dtype, device=device)
+def _unused_pointer(alias: torch.Tensor, inline: bool) -> torch.Tensor:
+    """What to pass for a pointer the kernel ignores: a real allocation (never a 0-size tensor). Eager, any
+    tensor of the right dtype (``alias``, no allocation). Inlined, its own 1-element scratch tensor: an argument
+    aliasing a written one makes functionalization copy buffers back around the kernel."""
+    return torch.empty(1, dtype=alias.dtype, device=alias.device) if inline else alias
 
 
 def triton_amax(x: torch.Tensor, inline: bool = False) -> torch.Tensor:
@@ -207,8 +208,7 @@ def triton_amax_rows_cols(x: torch.Tensor, rows: bool, cols: bool, inline: bool 
     row = torch.zeros(m if rows else 0, dtype=torch.float32, device=x.device)
     col = torch.zeros(k if cols else 0, dtype=torch.float32, device=x.device)
     if x.numel() and (rows or cols):
-        args = (x, row if rows else _scratch(torch.float32, x.device), col if cols else _scratch(torch.float32, x.device),
-                m, k)
+        args = (x, row if rows else _unused_pointer(col, inline), col if cols else _unused_pointer(row, inline), m, k)
         if _INTERPRET:
             _launch(_amax_rows_cols_kernel, inline)[(triton.cdiv(m, 32), triton.cdiv(k, 32))](
                 *args, ROWS=rows, COLS=cols, BM=32, BK=32)
@@ -239,9 +239,9 @@ def triton_cast_2d(
         rs = row_scale.reshape(-1).to(torch.float32).contiguous()
         cs = col_scale.reshape(-1).to(torch.float32).contiguous()
         rs, cs = (rs if rs.numel() else cs), (cs if cs.numel() else rs)  # read-only: aliasing is harmless
-        args = (x, rs, cs, out if write_row else _scratch(store_dtype, x.device),
-                out_t if write_col else _scratch(store_dtype, x.device),
-                amax if with_amax else _scratch(torch.float32, x.device), m, k)
+        args = (x, rs, cs, out if write_row else _unused_pointer(out_t, inline),
+                out_t if write_col else _unused_pointer(out, inline), amax if with_amax else _unused_pointer(rs, inline),
+                m, k)
         flags = dict(FP8_MAX=float8_max(float8_dtype), ROWWISE=rowwise, WRITE_ROW=write_row, WRITE_COL=write_col,
                      WITH_AMAX=with_amax)
         if _INTERPRET:
